@@ -1,0 +1,181 @@
+"""``quantize_``: the one in-place verb, and the registry of weight quantization methods.
+
+Weight methods register themselves with :func:`register_weight_method`; activation modes register
+themselves as :class:`~diffquant.nn.ActivationQuantizer` subclasses. A config picks one of each, so
+methods compose freely and adding one never edits this file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffquant.config import QuantConfig
+from diffquant.models import get_arch_spec
+from diffquant.nn.act_quant import ActivationQuantizer
+from diffquant.nn.packed import PackedWeight
+from diffquant.nn.qmodules import is_quantized_layer, quant_layer_class
+from diffquant.noise import attach_noise_context
+from diffquant.targeting import select_targets
+
+Calibrate = Callable[[nn.Module], Any]
+"""A function that runs the model on representative inputs (its return value is ignored)."""
+
+WeightMethod = Callable[[nn.Module, dict[str, nn.Module], QuantConfig, Calibrate | None], dict[str, PackedWeight]]
+"""``(model, layers_by_name, config, calibrate) -> packed weight per layer name``."""
+
+_WEIGHT_METHODS: dict[str, WeightMethod] = {}
+
+
+def register_weight_method(name: str) -> Callable[[WeightMethod], WeightMethod]:
+    """Decorator: make a weight quantization method available as ``WeightQuantConfig(method=name)``."""
+
+    def decorator(fn: WeightMethod) -> WeightMethod:
+        _WEIGHT_METHODS[name] = fn
+        return fn
+
+    return decorator
+
+
+def weight_methods() -> tuple[str, ...]:
+    """Names of the registered weight methods."""
+    return tuple(sorted(_WEIGHT_METHODS))
+
+
+@register_weight_method("rtn")
+def _round_to_nearest(model, layers, config, calibrate) -> dict[str, PackedWeight]:
+    """Round-to-nearest with the configured range choice (no calibration data needed)."""
+    return {name: PackedWeight.from_float(layer.weight, config.weights) for name, layer in layers.items()}
+
+
+def quantize_(
+    model: nn.Module,
+    config: QuantConfig,
+    *,
+    calibrate: Calibrate | None = None,
+    schedule: Any = None,
+    progress: bool = False,
+) -> nn.Module:
+    """Quantize ``model`` in place: swap targeted Linear/Conv2d layers for quantized ones.
+
+    Args:
+        model: any module with Linear/Conv2d layers (diffusers UNet/DiT/PixArt included).
+        config: what to quantize and how.
+        calibrate: ``fn(model)`` that runs representative inputs; required by activation modes
+            that need calibration (``"static"``) and by calibrated weight methods.
+        schedule: a diffusers scheduler or :class:`~diffquant.noise.NoiseSchedule`, used to publish
+            the log-SNR of each call's timesteps to timestep-aware quantizers.
+        progress: show a progress bar over layers.
+
+    Returns:
+        The same ``model`` object, quantized; ``model.diffquant_config`` records ``config``.
+
+    Raises:
+        TypeError: if ``config`` is not a :class:`QuantConfig`.
+        ValueError: if the model is already quantized, a method or mode is unknown, calibration
+            is needed but missing or empty, or a weight contains NaN/Inf.
+
+    Example:
+        >>> import torch, diffquant
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+        >>> cfg = diffquant.QuantConfig(weights=diffquant.WeightQuantConfig(bits=4, granularity="group",
+        ...                                                              group_size=32))
+        >>> _ = diffquant.quantize_(model, cfg)
+        >>> type(model[0]).__name__
+        'QuantLinear'
+    """
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a diffquant.QuantConfig, got {type(config).__name__}.")
+    if getattr(model, "diffquant_config", None) is not None or any(map(is_quantized_layer, model.modules())):
+        raise ValueError("model is already quantized; quantize a fresh copy of the float model instead.")
+    method = _WEIGHT_METHODS.get(config.weights.method)
+    if method is None:
+        raise ValueError(f"unknown weight method {config.weights.method!r}; registered: {list(weight_methods())}.")
+    act_cls = None
+    if config.activations is not None:
+        act_cls = ActivationQuantizer.registry.get(config.activations.mode)
+        if act_cls is None:
+            raise ValueError(
+                f"unknown activation mode {config.activations.mode!r}; "
+                f"registered: {sorted(ActivationQuantizer.registry)}."
+            )
+        if act_cls.needs_calibration and calibrate is None:
+            raise ValueError(
+                f"activation mode {config.activations.mode!r} needs calibration data: pass "
+                "calibrate=fn, where fn(model) runs the model on representative inputs."
+            )
+
+    targets = select_targets(model, config)
+    layers = {name: model.get_submodule(name) for name in targets.quantize}
+    for name, layer in layers.items():
+        if not torch.isfinite(layer.weight).all():
+            raise ValueError(f"layer {name!r} has NaN/Inf weights; fix the float model before quantizing it.")
+    packed = method(model, layers, config, calibrate)
+    for name in tqdm(targets.quantize, desc="quantize", disable=not progress, leave=False):
+        layer = layers[name]
+        qlayer = quant_layer_class(layer).from_float(layer, config.weights, config.activations, packed[name])
+        model.set_submodule(name, qlayer.to(layer.weight.device))
+    if act_cls is not None and act_cls.needs_calibration:
+        try:
+            calibrate_activations(model, calibrate)
+        except BaseException:
+            for name, layer in layers.items():  # leave the float model as it was
+                model.set_submodule(name, layer)
+            raise
+    model.diffquant_config = config
+    attach_default_noise_context(model, schedule)
+    return model
+
+
+def attach_default_noise_context(model: nn.Module, schedule: Any = None) -> None:
+    """Publish each call's noise level when the architecture's timestep argument is known (or a
+    schedule is given); a no-op for generic modules without a timestep."""
+    if schedule is not None or get_arch_spec(model).timestep_arg is not None:
+        attach_noise_context(model, schedule)
+
+
+@torch.no_grad()
+def calibrate_activations(model: nn.Module, calibrate: Calibrate) -> None:
+    """Run ``calibrate(model)`` with every calibratable activation quantizer observing, then fix ranges.
+
+    Raises:
+        ValueError: if some quantized layer received no data, or the data contain NaN/Inf.
+    """
+    quantizers = [
+        (name, m) for name, m in model.named_modules() if isinstance(m, ActivationQuantizer) and m.needs_calibration
+    ]
+    if not quantizers:
+        raise ValueError("model has no activation quantizer to calibrate.")
+    for name, quantizer in quantizers:
+        quantizer.start_calibration(name.removesuffix(".input_quant"))
+    try:
+        calibrate(model)
+    finally:
+        for _, quantizer in quantizers:
+            quantizer._observing = False
+    for _, quantizer in quantizers:
+        quantizer.finish_calibration()
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every QuantLinear / QuantConv2d of ``model`` by name."""
+    return {name: m for name, m in model.named_modules() if is_quantized_layer(m)}
+
+
+def weight_bits_per_parameter(model: nn.Module) -> float:
+    """Stored bits per weight over all Linear/Conv2d weights (float layers count their dtype's bits)."""
+    bits, count = 0.0, 0
+    for module in model.modules():
+        if is_quantized_layer(module):
+            bits += 8 * module.qweight.storage_bytes
+            count += module.qweight.numel
+        elif quant_layer_class(module) is not None:
+            bits += module.weight.numel() * module.weight.element_size() * 8
+            count += module.weight.numel()
+    if count == 0:
+        raise ValueError("model has no Linear/Conv2d weights.")
+    return bits / count

@@ -1,0 +1,139 @@
+"""Command line: ``diffquant demo | quantize | info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from diffquant.config import ActivationQuantConfig, QuantConfig, WeightQuantConfig
+
+
+def _weight_config(args: argparse.Namespace) -> WeightQuantConfig:
+    if args.weights == "nf4":
+        return WeightQuantConfig(format="nf4", bits=4, block_size=args.block_size)
+    bits = int(args.weights.removeprefix("int"))
+    granularity = "group" if args.group_size else args.granularity
+    return WeightQuantConfig(
+        bits=bits, granularity=granularity, group_size=args.group_size, symmetric=not args.asymmetric,
+        range_method=args.range_method,
+    )
+
+
+def _activation_config(spec: str) -> ActivationQuantConfig | None:
+    if spec == "none":
+        return None
+    bits, _, mode = spec.partition("-")  # e.g. "int8-static"
+    if not bits.startswith("int") or not bits[3:].isdigit() or not mode:
+        raise ValueError(f"--activations {spec!r}: expected 'none' or INTn-MODE such as 'int8-static', 'int8-dynamic'.")
+    return ActivationQuantConfig(bits=int(bits[3:]), mode=mode)
+
+
+def _load_diffusers_model(path: str, subfolder: str | None):
+    import diffusers
+
+    folder = Path(path) / (subfolder or "")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{folder} has no config.json; give a diffusers model folder (or --subfolder unet).")
+    class_name = json.loads(config_file.read_text())["_class_name"]
+    cls = getattr(diffusers, class_name, None)
+    if cls is None:
+        raise ValueError(f"{config_file} names {class_name!r}, which is not a diffusers model class.")
+    return cls.from_pretrained(path, subfolder=subfolder)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from diffquant.demo import run_demo
+    from diffquant.report import markdown_table
+
+    results = run_demo(args.out, quick=args.quick, seed=args.seed, cache_dir=args.cache_dir,
+                       progress=not args.no_progress)
+    print(markdown_table(results))
+    print(f"\nnoise floor FD {results['noise_floor_fd']:.2f}; report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from diffquant.api import quantize_, weight_bits_per_parameter
+    from diffquant.io import save_quantized
+
+    config = QuantConfig(weights=_weight_config(args), activations=_activation_config(args.activations),
+                         exclude=tuple(args.exclude))
+    calibrate = schedule = None
+    if args.model == "digits":
+        from diffquant.demo import DemoSettings, calibration_fn
+        from diffquant.toy.cache import fp_scheduler, load_or_train_fp_model
+
+        model, schedule = load_or_train_fp_model(args.cache_dir), fp_scheduler()
+        calibrate = calibration_fn(DemoSettings())
+    else:
+        model = _load_diffusers_model(args.model, args.subfolder)
+        if config.activations is not None and config.activations.mode == "static":
+            raise ValueError(
+                "static activation ranges need calibration samples, which the CLI can make only for the "
+                "digits model; use --activations int8-dynamic, or call diffquant.quantize_(..., calibrate=fn)."
+            )
+    quantize_(model.eval(), config, calibrate=calibrate, schedule=schedule, progress=True)
+    save_quantized(model, args.out)
+    print(f"{config.label}: {weight_bits_per_parameter(model):.2f} bits/weight, saved to {args.out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from diffquant.io import CONFIG_NAME
+
+    description = json.loads((Path(args.checkpoint) / CONFIG_NAME).read_text())
+    config = QuantConfig.from_dict(description["quant_config"])
+    print(f"{description['architecture']} quantized as {config.label} ({len(description['layers'])} layers)")
+    print(config.to_json())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``diffquant`` command."""
+    parser = argparse.ArgumentParser(prog="diffquant", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run every method on the embedded digits benchmark")
+    demo.add_argument("--quick", action="store_true", help="fewer samples (same rows), about 2 minutes")
+    demo.add_argument("--out", default="out/demo", help="output directory (created; must not be a file)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the float model, classifier and sampling")
+    demo.add_argument("--cache-dir", default=None, help="where the trained float model is cached")
+    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    demo.set_defaults(func=cmd_demo)
+
+    quant = sub.add_parser("quantize", help="quantize a diffusers model folder (or 'digits') and save it")
+    quant.add_argument("model", help="a diffusers model folder, or 'digits' for the embedded benchmark model")
+    quant.add_argument("--out", required=True, help="checkpoint directory to write")
+    quant.add_argument("--subfolder", default=None, help="model subfolder inside a pipeline folder, e.g. unet")
+    quant.add_argument("--weights", default="int8", choices=[f"int{b}" for b in range(2, 9)] + ["nf4"])
+    quant.add_argument("--granularity", default="channel", choices=["tensor", "channel"])
+    quant.add_argument("--group-size", type=int, default=None, help="per-group weight scales (implies groups)")
+    quant.add_argument("--asymmetric", action="store_true", help="asymmetric weight range")
+    quant.add_argument("--range-method", default="minmax", choices=["minmax", "percentile", "mse"])
+    quant.add_argument("--block-size", type=int, default=64, help="NF4 block size")
+    quant.add_argument("--activations", default="none", help="none, int8-static, int8-dynamic, int4-...")
+    quant.add_argument("--exclude", nargs="*", default=[], help="regexes of layers to keep in float")
+    quant.add_argument("--cache-dir", default=None, help="digits model cache")
+    quant.set_defaults(func=cmd_quantize)
+
+    info = sub.add_parser("info", help="describe a saved quantized checkpoint")
+    info.add_argument("checkpoint")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``diffquant`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:  # bad input: a clear message, no traceback
+        print(f"diffquant {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

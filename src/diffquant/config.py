@@ -1,0 +1,257 @@
+"""Versioned, validated configuration dataclasses for :func:`diffquant.quantize_`.
+
+A :class:`QuantConfig` combines independent choices — how weights are stored and quantized
+(:class:`WeightQuantConfig`), how layer inputs are quantized (:class:`ActivationQuantConfig`), and
+which layers are targeted. Every config validates itself on construction and round-trips through
+JSON (``to_dict`` / ``from_dict``), so a checkpoint records exactly how it was made.
+
+Example:
+    >>> from diffquant import QuantConfig, WeightQuantConfig, ActivationQuantConfig
+    >>> cfg = QuantConfig(
+    ...     weights=WeightQuantConfig(bits=4, granularity="group", group_size=64),
+    ...     activations=ActivationQuantConfig(bits=8, mode="static"),
+    ... )
+    >>> QuantConfig.from_dict(cfg.to_dict()) == cfg
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+CONFIG_VERSION = 1
+WEIGHT_FORMATS = ("int", "nf4")
+GRANULARITIES = ("tensor", "channel", "group")
+RANGE_METHODS = ("minmax", "percentile", "mse")
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}.")
+
+
+def _check_int_bits(bits: Any, what: str) -> None:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+        raise ValueError(
+            f"{what} INT quantization supports 2..8 bits, got {bits!r}; use bits in 2..8 "
+            "(or format='nf4' for 4-bit normal-float weights)."
+        )
+
+
+class _JsonConfig:
+    """Mixin: JSON round trip for (nested) config dataclasses."""
+
+    _nested: ClassVar[dict[str, type]] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict of this config (tuples become lists)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, _JsonConfig):
+                value = value.to_dict()
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Build (and validate) a config from :meth:`to_dict` output; unknown keys are rejected."""
+        if not isinstance(data, dict):
+            raise TypeError(f"{cls.__name__}.from_dict expects a dict, got {type(data).__name__}.")
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(
+                f"unknown {cls.__name__} field(s) {sorted(unknown)}; known fields are {sorted(names)}. "
+                "Was this config written by a newer diffquant?"
+            )
+        kwargs = {}
+        for key, value in data.items():
+            nested = cls._nested.get(key)
+            if nested is not None and isinstance(value, dict):
+                value = nested.from_dict(value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        """JSON text of :meth:`to_dict`."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str):
+        """Inverse of :meth:`to_json`."""
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass(frozen=True)
+class WeightQuantConfig(_JsonConfig):
+    """How the weights of targeted Linear/Conv2d layers are quantized and stored.
+
+    Args:
+        format: ``"int"`` (affine integer codes) or ``"nf4"`` (4-bit NormalFloat, QLoRA).
+        bits: INT bit-width, 2..8 (stored packed: 8 → 1/byte, 4 → 2/byte, 2 → 4/byte, others 1/byte).
+            Must be 4 for NF4.
+        granularity: ``"tensor"``, ``"channel"`` (per output channel) or ``"group"`` (groups of
+            ``group_size`` consecutive inputs per output channel). INT only.
+        group_size: group length along the flattened input dimension (required for ``"group"``).
+        symmetric: symmetric signed range (zero point 0) or asymmetric unsigned range.
+        range_method: how the clipping range is chosen: ``"minmax"``, ``"percentile"`` or ``"mse"``.
+        method: weight quantization algorithm from the registry (``"rtn"``; calibrated methods
+            such as GPTQ register themselves under their own names).
+        block_size: NF4 absmax block size (power of two, 32..4096).
+        double_quant: NF4 double quantization of the absmax values (blocks of 256, 8-bit).
+
+    Raises:
+        ValueError: on an unsupported format, bit-width, granularity or range method, or a
+            missing/invalid group or block size.
+    """
+
+    format: str = "int"
+    bits: int = 8
+    granularity: str = "channel"
+    group_size: int | None = None
+    symmetric: bool = True
+    range_method: str = "minmax"
+    method: str = "rtn"
+    block_size: int = 64
+    double_quant: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("format", self.format, WEIGHT_FORMATS)
+        if self.format == "nf4":
+            if self.bits != 4:
+                raise ValueError(
+                    f"NF4 is a 4-bit format, got bits={self.bits}; use bits=4 with format='nf4', "
+                    "or format='int' for other bit-widths."
+                )
+            if not isinstance(self.block_size, int) or self.block_size < 32 or self.block_size > 4096 or (
+                self.block_size & (self.block_size - 1)
+            ):
+                raise ValueError(
+                    f"NF4 block_size must be a power of two in 32..4096, got {self.block_size!r}; "
+                    "64 is the QLoRA default."
+                )
+            return
+        _check_int_bits(self.bits, "weight")
+        _check_choice("granularity", self.granularity, GRANULARITIES)
+        _check_choice("range_method", self.range_method, RANGE_METHODS)
+        if self.granularity == "group":
+            if not isinstance(self.group_size, int) or self.group_size < 1:
+                raise ValueError(
+                    f"granularity='group' needs a positive integer group_size, got {self.group_size!r}; "
+                    "typical values are 32, 64 or 128."
+                )
+        elif self.group_size is not None:
+            raise ValueError(
+                f"group_size={self.group_size} is only used with granularity='group' "
+                f"(got granularity={self.granularity!r}); drop group_size or set granularity='group'."
+            )
+
+    @property
+    def label(self) -> str:
+        """Short storage label used in reports: ``int8``, ``int4``, ``nf4``..."""
+        return "nf4" if self.format == "nf4" else f"int{self.bits}"
+
+
+@dataclass(frozen=True)
+class ActivationQuantConfig(_JsonConfig):
+    """How the inputs of targeted layers are quantized (fake-quantized in the reference path).
+
+    Args:
+        bits: activation bit-width, 2..8 (4 and 8 are the published settings).
+        mode: quantizer from the registry: ``"static"`` (one range per layer from calibration) or
+            ``"dynamic"`` (per-token ranges computed on the fly); timestep-aware modes register
+            themselves under their own names.
+        symmetric: symmetric signed range or asymmetric unsigned range (default; activations after
+            SiLU/GELU are skewed).
+        range_method: how a static range is chosen from calibration data.
+        percentile: the percentile used by ``range_method="percentile"``.
+
+    Raises:
+        ValueError: on an unsupported bit-width, mode string or range method.
+    """
+
+    bits: int = 8
+    mode: str = "static"
+    symmetric: bool = False
+    range_method: str = "minmax"
+    percentile: float = 99.99
+
+    def __post_init__(self) -> None:
+        _check_int_bits(self.bits, "activation")
+        if not isinstance(self.mode, str) or not self.mode:
+            raise ValueError(f"activation mode must be a non-empty string, got {self.mode!r}.")
+        _check_choice("range_method", self.range_method, RANGE_METHODS)
+        if not 50.0 < float(self.percentile) <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}.")
+
+    @property
+    def label(self) -> str:
+        """Short label used in reports: ``int8``, ``int4``..."""
+        return f"int{self.bits}"
+
+
+@dataclass(frozen=True)
+class QuantConfig(_JsonConfig):
+    """Everything :func:`diffquant.quantize_` needs: weights × activations × targets.
+
+    Args:
+        weights: weight quantization (required).
+        activations: input-activation quantization, or ``None`` for weight-only quantization.
+        include: regexes (``re.fullmatch`` on module names); only matching Linear/Conv2d layers are
+            quantized. Empty means every Linear/Conv2d layer.
+        exclude: regexes of layers never quantized.
+        keep_fp: regexes of layers kept in full precision; ``None`` uses the architecture's
+            defaults (first/last layers, timestep embedding — see :mod:`diffquant.models`).
+        version: config schema version (checked on load).
+
+    Raises:
+        ValueError: on an invalid regex or an unsupported version.
+    """
+
+    weights: WeightQuantConfig = field(default_factory=WeightQuantConfig)
+    activations: ActivationQuantConfig | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    keep_fp: tuple[str, ...] | None = None
+    version: int = CONFIG_VERSION
+
+    _nested: ClassVar[dict[str, type]] = {"weights": WeightQuantConfig, "activations": ActivationQuantConfig}
+
+    def __post_init__(self) -> None:
+        if self.version != CONFIG_VERSION:
+            raise ValueError(
+                f"QuantConfig version {self.version} is not supported by this diffquant "
+                f"(expects {CONFIG_VERSION}); re-create the config or upgrade diffquant."
+            )
+        if not isinstance(self.weights, WeightQuantConfig):
+            raise TypeError("QuantConfig.weights must be a WeightQuantConfig.")
+        if self.activations is not None and not isinstance(self.activations, ActivationQuantConfig):
+            raise TypeError("QuantConfig.activations must be an ActivationQuantConfig or None.")
+        for name in ("include", "exclude", "keep_fp"):
+            patterns = getattr(self, name)
+            if patterns is None:
+                continue
+            if isinstance(patterns, str):
+                raise TypeError(f"{name} must be a list/tuple of regexes, not a single string.")
+            object.__setattr__(self, name, tuple(patterns))
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ValueError(f"{name} pattern {pattern!r} is not a valid regex: {err}") from err
+
+    @property
+    def label(self) -> str:
+        """``W4A8``-style label (``A16`` meaning unquantized activations)."""
+        w = "NF4" if self.weights.format == "nf4" else f"W{self.weights.bits}"
+        a = f"A{self.activations.bits}" if self.activations is not None else "A16"
+        return f"{w}{a}"
