@@ -114,6 +114,7 @@ def quantize_(
     for name, layer in layers.items():
         if not torch.isfinite(layer.weight).all():
             raise ValueError(f"layer {name!r} has NaN/Inf weights; fix the float model before quantizing it.")
+    _check_group_size(layers, config)
     packed = method(model, layers, config, calibrate)
     for name in tqdm(targets.quantize, desc="quantize", disable=not progress, leave=False):
         layer = layers[name]
@@ -136,6 +137,20 @@ def attach_default_noise_context(model: nn.Module, schedule: Any = None) -> None
     schedule is given); a no-op for generic modules without a timestep."""
     if schedule is not None or get_arch_spec(model).timestep_arg is not None:
         attach_noise_context(model, schedule)
+
+
+def _check_group_size(layers: dict[str, nn.Module], config: QuantConfig) -> None:
+    group = config.weights.group_size if config.weights.granularity == "group" else None
+    if config.weights.format != "int" or group is None:
+        return
+    bad = {name: layer.weight[0].numel() for name, layer in layers.items() if layer.weight[0].numel() % group}
+    if bad:
+        listed = ", ".join(f"{name} ({size})" for name, size in list(bad.items())[:6])
+        raise ValueError(
+            f"group_size {group} does not divide the flattened input size of {len(bad)} layer(s): {listed}"
+            f"{' ...' if len(bad) > 6 else ''}. Choose a group size that divides them, or keep those layers "
+            "out with QuantConfig.exclude."
+        )
 
 
 @torch.no_grad()

@@ -1,0 +1,145 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffquant import (
+    ActivationQuantConfig,
+    CheckpointError,
+    QuantConfig,
+    WeightQuantConfig,
+    load_quantized,
+    quantize_,
+    save_quantized,
+)
+from diffquant.io import CONFIG_NAME, WEIGHTS_NAME
+from diffquant.models.tiny import example_inputs, tiny_dit, tiny_unet2d
+
+CONFIGS = {
+    "w4-group": QuantConfig(weights=WeightQuantConfig(bits=4, granularity="group", group_size=8, symmetric=False)),
+    "nf4": QuantConfig(weights=WeightQuantConfig(format="nf4", bits=4)),
+    "w8a8-static": QuantConfig(weights=WeightQuantConfig(bits=8), activations=ActivationQuantConfig(bits=8)),
+    "w2a4-dynamic": QuantConfig(weights=WeightQuantConfig(bits=2), activations=ActivationQuantConfig(4, "dynamic")),
+}
+
+
+def _quantized_unet(config):
+    torch.manual_seed(0)
+    model = tiny_unet2d().eval()
+    inputs = example_inputs(model, batch_size=2)
+    quantize_(model, config, calibrate=lambda m: m(**inputs))
+    return model, inputs
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model, inputs = _quantized_unet(CONFIGS["w8a8-static"])
+    path = save_quantized(model, tmp_path_factory.mktemp("ckpt") / "unet")
+    with torch.no_grad():
+        expected = model(**inputs).sample
+    return path, inputs, expected
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_save_load_reproduces_outputs_exactly(tmp_path, name):
+    model, inputs = _quantized_unet(CONFIGS[name])
+    save_quantized(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]  # no temp files left
+    fresh = tiny_unet2d(seed=123).eval()  # different float weights: everything must come from the file
+    loaded = load_quantized(tmp_path, model=fresh)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).sample, model(**inputs).sample)
+    assert loaded.diffquant_config == CONFIGS[name]
+
+
+def test_diffusers_model_is_rebuilt_from_its_saved_config(saved):
+    path, inputs, expected = saved
+    loaded = load_quantized(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).sample, expected)
+
+
+def test_wrong_architecture_is_rejected(saved):
+    path, _, _ = saved
+    with pytest.raises(CheckpointError, match="is for a UNet2DModel"):
+        load_quantized(path, model=tiny_dit())
+
+
+def test_other_configuration_of_same_architecture_is_rejected(saved):
+    path, _, _ = saved
+    wider = tiny_unet2d(in_channels=3)
+    with pytest.raises(CheckpointError, match="different architecture or configuration|different model configuration"):
+        load_quantized(path, model=wider)
+
+
+def _copy(path, tmp_path):
+    for f in path.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    return tmp_path
+
+
+def test_wrong_version_is_rejected(saved, tmp_path):
+    ckpt = _copy(saved[0], tmp_path)
+    description = json.loads((ckpt / CONFIG_NAME).read_text())
+    description["format_version"] = 99
+    (ckpt / CONFIG_NAME).write_text(json.dumps(description))
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_quantized(ckpt)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupt_weights_are_rejected(saved, tmp_path, damage):
+    ckpt = _copy(saved[0], tmp_path)
+    data = bytearray((ckpt / WEIGHTS_NAME).read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[-10] ^= 0xFF
+    (ckpt / WEIGHTS_NAME).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_quantized(ckpt)
+
+
+def test_corrupt_description_is_rejected(saved, tmp_path):
+    ckpt = _copy(saved[0], tmp_path)
+    (ckpt / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_quantized(ckpt)
+    (ckpt / CONFIG_NAME).unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        load_quantized(ckpt)
+
+
+@pytest.mark.parametrize("edit", ["missing", "extra"])
+def test_missing_or_extra_tensors_are_rejected(saved, tmp_path, edit):
+    ckpt = _copy(saved[0], tmp_path)
+    tensors = load_file(ckpt / WEIGHTS_NAME)
+    if edit == "missing":
+        tensors.pop(next(k for k in tensors if k.endswith("qweight.scale")))
+    else:
+        tensors["bogus.weight"] = torch.zeros(1)
+    save_file(tensors, ckpt / WEIGHTS_NAME)
+    description = json.loads((ckpt / CONFIG_NAME).read_text())
+    from diffquant.io import _sha256
+
+    description["weights_sha256"] = _sha256(ckpt / WEIGHTS_NAME)  # a consistent but wrong checkpoint
+    (ckpt / CONFIG_NAME).write_text(json.dumps(description))
+    word = "missing" if edit == "missing" else "unexpected"
+    with pytest.raises(CheckpointError, match=f"{word} keys \\['"):
+        load_quantized(ckpt)
+
+
+def test_save_rejects_unquantized_model_and_file_target(tmp_path):
+    with pytest.raises(ValueError, match="not quantized"):
+        save_quantized(tiny_unet2d(), tmp_path)
+    model, _ = _quantized_unet(CONFIGS["nf4"])
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(ValueError, match="existing file"):
+        save_quantized(model, target)
+
+
+def test_checkpoint_holds_no_pickles(saved):
+    path = saved[0]
+    assert {p.suffix for p in path.iterdir()} == {".json", ".safetensors"}

@@ -1,0 +1,96 @@
+import json
+
+import pytest
+import torch
+
+import diffquant.toy.cache as cache
+from diffquant.toy.classifier import ClassifierConfig
+from diffquant.toy.model import TINY_UNET
+from diffquant.toy.train import TrainConfig
+
+TINY_TRAIN = TrainConfig(steps=3, batch_size=8, warmup_steps=1)
+TINY_CLASSIFIER = ClassifierConfig(width=4, feature_dim=8, epochs=1)
+
+
+def _fp(cache_dir, seed=0):
+    return cache.load_or_train_fp_model(
+        cache_dir, seed, progress=False, unet_config=TINY_UNET, train_config=TINY_TRAIN
+    )
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("a cached artifact was retrained")
+
+
+def test_fp_model_cache_round_trip(tmp_path, monkeypatch):
+    trained = _fp(tmp_path)
+    entries = list(tmp_path.iterdir())
+    assert len(entries) == 1 and entries[0].name.startswith("fp_unet-seed0-")  # no temp dir left behind
+    assert (entries[0] / "diffusion_pytorch_model.safetensors").is_file()
+    assert json.loads((entries[0] / "training.json").read_text())["seed"] == 0
+
+    monkeypatch.setattr(cache, "train_fp_model", _no_training)
+    loaded = _fp(tmp_path)
+    x, t, c = torch.randn(4, 1, 8, 8), torch.tensor([1, 200, 500, 999]), torch.tensor([0, 3, 10, 11])
+    with torch.no_grad():
+        assert torch.equal(trained(x, t, class_labels=c).sample, loaded(x, t, class_labels=c).sample)
+    assert not loaded.training
+
+
+def test_cache_key_depends_on_seed_and_config(tmp_path):
+    _fp(tmp_path, seed=0)
+    _fp(tmp_path, seed=1)
+    cache.load_or_train_fp_model(
+        tmp_path, 0, progress=False, unet_config=TINY_UNET, train_config=TrainConfig(steps=2, batch_size=8)
+    )
+    assert len({p.name for p in tmp_path.iterdir()}) == 3
+
+
+def test_default_cache_dir_follows_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "env"))
+    assert cache.default_cache_dir() == tmp_path / "env"
+    monkeypatch.delenv("DIFFQUANT_CACHE")
+    assert cache.default_cache_dir().parts[-2:] == (".cache", "diffquant")
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path):
+    def broken(tmp):
+        (tmp / "partial").write_text("x")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        cache._write_atomically(tmp_path / "entry", broken)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_losing_a_race_keeps_the_first_copy(tmp_path):
+    cache._write_atomically(tmp_path / "entry", lambda tmp: (tmp / "a").write_text("first"))
+    cache._write_atomically(tmp_path / "entry", lambda tmp: (tmp / "a").write_text("second"))
+    assert (tmp_path / "entry" / "a").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]
+
+
+def test_classifier_cache_round_trip(tmp_path, monkeypatch):
+    trained = cache.load_or_train_classifier(tmp_path, 0, config=TINY_CLASSIFIER)
+    (entry,) = tmp_path.iterdir()
+    assert sorted(p.name for p in entry.iterdir()) == ["config.json", "model.safetensors"]
+    monkeypatch.setattr(cache, "train_classifier", _no_training)
+    loaded = cache.load_or_train_classifier(tmp_path, 0, config=TINY_CLASSIFIER)
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(trained(x), loaded(x))
+    assert loaded.test_accuracy == trained.test_accuracy and 0.0 <= loaded.test_accuracy <= 1.0
+
+
+def test_corrupt_cache_entry_says_how_to_recover(tmp_path):
+    cache.load_or_train_classifier(tmp_path, 0, config=TINY_CLASSIFIER)
+    (entry,) = tmp_path.iterdir()
+    (entry / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(OSError, match="delete that folder"):
+        cache.load_or_train_classifier(tmp_path, 0, config=TINY_CLASSIFIER)
+
+
+def test_fp_scheduler_matches_training_config():
+    sched = cache.fp_scheduler()
+    assert sched.config.num_train_timesteps == TrainConfig().num_train_timesteps
+    assert sched.config.beta_schedule == TrainConfig().beta_schedule
