@@ -14,15 +14,6 @@ from diffquant.models.tiny import example_inputs, tiny_dit, tiny_pixart, tiny_un
 LAYER_TYPES = (nn.Linear, nn.Conv2d, nn.Embedding)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run ~30x faster on one thread than on two contended ones (shared 2-core machine)."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
-
-
 def _kept(model: nn.Module) -> dict[str, nn.Module]:
     spec = get_arch_spec(model)
     return {name: m for name, m in model.named_modules() if spec.is_kept_fp(name)}

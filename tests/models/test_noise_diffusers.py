@@ -20,15 +20,6 @@ from diffquant.noise import NoiseLevel, attach_noise_context, current_noise_leve
 MIXED = [999, 10, 500, 10]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run ~30x faster on one thread than on two contended ones (shared 2-core machine)."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
-
-
 def _reference_log_snr(scheduler, t) -> torch.Tensor:
     ac = scheduler.alphas_cumprod.double()
     return torch.log(ac / (1 - ac))[torch.as_tensor(t)].float()

@@ -25,15 +25,6 @@ SAMPLE_KEY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run ~30x faster on one thread than on two contended ones (shared 2-core machine)."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
-
-
 @pytest.mark.parametrize("builder", BUILDERS, ids=lambda b: b.__name__)
 def test_size_determinism_and_forward_shape(builder):
     model = builder()
