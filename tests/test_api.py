@@ -46,7 +46,9 @@ def test_quantize_swaps_every_linear_and_conv():
 
 def test_include_exclude_and_keep_fp():
     model = Net()
-    quantize_(model, QuantConfig(weights=W8, include=("head", "out", "conv"), exclude=("out",), keep_fp=("conv",)))
+    quantize_(
+        model, QuantConfig(weights=W8, include=("head", "out", "conv"), exclude=("out",), keep_fp=("conv",))
+    )
     assert set(quantized_layers(model)) == {"head"}
 
 
@@ -59,7 +61,10 @@ def test_include_exclude_and_keep_fp():
         (QuantConfig(weights=WeightQuantConfig(method="awq")), "unknown weight method 'awq'"),
         (QuantConfig(activations=ActivationQuantConfig(mode="histogram")), "unknown activation mode"),
         (QuantConfig(activations=A8), "needs calibration data"),
-        (QuantConfig(weights=WeightQuantConfig(bits=4, granularity="group", group_size=5)), "does not divide"),
+        (
+            QuantConfig(weights=WeightQuantConfig(bits=4, granularity="group", group_size=5)),
+            "does not divide",
+        ),
     ],
 )
 def test_bad_requests_are_rejected_and_model_is_untouched(config, message):
@@ -124,7 +129,9 @@ def test_unet_keeps_architecture_defaults_in_float_and_stays_close():
     with torch.no_grad():
         reference = model(**inputs).sample
     calibrate = _calibrate_kwargs(inputs)
-    quantize_(model, QuantConfig(weights=W8, activations=A8), calibrate=calibrate, schedule=scheduler_for_tests())
+    quantize_(
+        model, QuantConfig(weights=W8, activations=A8), calibrate=calibrate, schedule=scheduler_for_tests()
+    )
     names = set(quantized_layers(model))
     assert "conv_in" not in names and "conv_out" not in names
     assert not any(n.startswith("time_embedding") for n in names)

@@ -24,7 +24,10 @@ def test_json_round_trip(config):
 
 
 def test_labels():
-    assert QuantConfig(weights=WeightQuantConfig(bits=4), activations=ActivationQuantConfig(bits=8)).label == "W4A8"
+    assert (
+        QuantConfig(weights=WeightQuantConfig(bits=4), activations=ActivationQuantConfig(bits=8)).label
+        == "W4A8"
+    )
     assert QuantConfig(weights=WeightQuantConfig(format="nf4", bits=4)).label == "NF4A16"
 
 

@@ -17,10 +17,14 @@ from diffquant.io import CONFIG_NAME, WEIGHTS_NAME
 from diffquant.models.tiny import example_inputs, tiny_dit, tiny_unet2d
 
 CONFIGS = {
-    "w4-group": QuantConfig(weights=WeightQuantConfig(bits=4, granularity="group", group_size=8, symmetric=False)),
+    "w4-group": QuantConfig(
+        weights=WeightQuantConfig(bits=4, granularity="group", group_size=8, symmetric=False)
+    ),
     "nf4": QuantConfig(weights=WeightQuantConfig(format="nf4", bits=4)),
     "w8a8-static": QuantConfig(weights=WeightQuantConfig(bits=8), activations=ActivationQuantConfig(bits=8)),
-    "w2a4-dynamic": QuantConfig(weights=WeightQuantConfig(bits=2), activations=ActivationQuantConfig(4, "dynamic")),
+    "w2a4-dynamic": QuantConfig(
+        weights=WeightQuantConfig(bits=2), activations=ActivationQuantConfig(4, "dynamic")
+    ),
 }
 
 
@@ -69,7 +73,9 @@ def test_wrong_architecture_is_rejected(saved):
 def test_other_configuration_of_same_architecture_is_rejected(saved):
     path, _, _ = saved
     wider = tiny_unet2d(in_channels=3)
-    with pytest.raises(CheckpointError, match="different architecture or configuration|different model configuration"):
+    with pytest.raises(
+        CheckpointError, match="different architecture or configuration|different model configuration"
+    ):
         load_quantized(path, model=wider)
 
 

@@ -25,7 +25,9 @@ from diffquant.targeting import select_targets
 Calibrate = Callable[[nn.Module], Any]
 """A function that runs the model on representative inputs (its return value is ignored)."""
 
-WeightMethod = Callable[[nn.Module, dict[str, nn.Module], QuantConfig, Calibrate | None], dict[str, PackedWeight]]
+WeightMethod = Callable[
+    [nn.Module, dict[str, nn.Module], QuantConfig, Calibrate | None], dict[str, PackedWeight]
+]
 """``(model, layers_by_name, config, calibrate) -> packed weight per layer name``."""
 
 _WEIGHT_METHODS: dict[str, WeightMethod] = {}
@@ -94,7 +96,9 @@ def quantize_(
         raise ValueError("model is already quantized; quantize a fresh copy of the float model instead.")
     method = _WEIGHT_METHODS.get(config.weights.method)
     if method is None:
-        raise ValueError(f"unknown weight method {config.weights.method!r}; registered: {list(weight_methods())}.")
+        raise ValueError(
+            f"unknown weight method {config.weights.method!r}; registered: {list(weight_methods())}."
+        )
     act_cls = None
     if config.activations is not None:
         act_cls = ActivationQuantizer.registry.get(config.activations.mode)
@@ -161,7 +165,9 @@ def calibrate_activations(model: nn.Module, calibrate: Calibrate) -> None:
         ValueError: if some quantized layer received no data, or the data contain NaN/Inf.
     """
     quantizers = [
-        (name, m) for name, m in model.named_modules() if isinstance(m, ActivationQuantizer) and m.needs_calibration
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, ActivationQuantizer) and m.needs_calibration
     ]
     if not quantizers:
         raise ValueError("model has no activation quantizer to calibrate.")

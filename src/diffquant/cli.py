@@ -16,7 +16,10 @@ def _weight_config(args: argparse.Namespace) -> WeightQuantConfig:
     bits = int(args.weights.removeprefix("int"))
     granularity = "group" if args.group_size else args.granularity
     return WeightQuantConfig(
-        bits=bits, granularity=granularity, group_size=args.group_size, symmetric=not args.asymmetric,
+        bits=bits,
+        granularity=granularity,
+        group_size=args.group_size,
+        symmetric=not args.asymmetric,
         range_method=args.range_method,
     )
 
@@ -26,7 +29,9 @@ def _activation_config(spec: str) -> ActivationQuantConfig | None:
         return None
     bits, _, mode = spec.partition("-")  # e.g. "int8-static"
     if not bits.startswith("int") or not bits[3:].isdigit() or not mode:
-        raise ValueError(f"--activations {spec!r}: expected 'none' or INTn-MODE such as 'int8-static', 'int8-dynamic'.")
+        raise ValueError(
+            f"--activations {spec!r}: expected 'none' or INTn-MODE such as 'int8-static', 'int8-dynamic'."
+        )
     return ActivationQuantConfig(bits=int(bits[3:]), mode=mode)
 
 
@@ -48,8 +53,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from diffquant.demo import run_demo
     from diffquant.report import markdown_table
 
-    results = run_demo(args.out, quick=args.quick, seed=args.seed, cache_dir=args.cache_dir,
-                       progress=not args.no_progress)
+    results = run_demo(
+        args.out, quick=args.quick, seed=args.seed, cache_dir=args.cache_dir, progress=not args.no_progress
+    )
     print(markdown_table(results))
     print(f"\nnoise floor FD {results['noise_floor_fd']:.2f}; report: {Path(args.out) / 'report.md'}")
     return 0
@@ -59,8 +65,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from diffquant.api import quantize_, weight_bits_per_parameter
     from diffquant.io import save_quantized
 
-    config = QuantConfig(weights=_weight_config(args), activations=_activation_config(args.activations),
-                         exclude=tuple(args.exclude))
+    config = QuantConfig(
+        weights=_weight_config(args),
+        activations=_activation_config(args.activations),
+        exclude=tuple(args.exclude),
+    )
     calibrate = schedule = None
     if args.model == "digits":
         from diffquant.demo import DemoSettings, calibration_fn
@@ -107,10 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     quant = sub.add_parser("quantize", help="quantize a diffusers model folder (or 'digits') and save it")
     quant.add_argument("model", help="a diffusers model folder, or 'digits' for the embedded benchmark model")
     quant.add_argument("--out", required=True, help="checkpoint directory to write")
-    quant.add_argument("--subfolder", default=None, help="model subfolder inside a pipeline folder, e.g. unet")
+    quant.add_argument(
+        "--subfolder", default=None, help="model subfolder inside a pipeline folder, e.g. unet"
+    )
     quant.add_argument("--weights", default="int8", choices=[f"int{b}" for b in range(2, 9)] + ["nf4"])
     quant.add_argument("--granularity", default="channel", choices=["tensor", "channel"])
-    quant.add_argument("--group-size", type=int, default=None, help="per-group weight scales (implies groups)")
+    quant.add_argument(
+        "--group-size", type=int, default=None, help="per-group weight scales (implies groups)"
+    )
     quant.add_argument("--asymmetric", action="store_true", help="asymmetric weight range")
     quant.add_argument("--range-method", default="minmax", choices=["minmax", "percentile", "mse"])
     quant.add_argument("--block-size", type=int, default=64, help="NF4 block size")

@@ -132,8 +132,11 @@ class WeightQuantConfig(_JsonConfig):
                     f"NF4 is a 4-bit format, got bits={self.bits}; use bits=4 with format='nf4', "
                     "or format='int' for other bit-widths."
                 )
-            if not isinstance(self.block_size, int) or self.block_size < 32 or self.block_size > 4096 or (
-                self.block_size & (self.block_size - 1)
+            if (
+                not isinstance(self.block_size, int)
+                or self.block_size < 32
+                or self.block_size > 4096
+                or (self.block_size & (self.block_size - 1))
             ):
                 raise ValueError(
                     f"NF4 block_size must be a power of two in 32..4096, got {self.block_size!r}; "

@@ -57,7 +57,9 @@ class DemoSettings:
     @classmethod
     def for_mode(cls, quick: bool, seed: int = 0) -> DemoSettings:
         """The default full or quick settings."""
-        return cls(quick=True, num_samples=300, calibration_samples=32, seed=seed) if quick else cls(seed=seed)
+        return (
+            cls(quick=True, num_samples=300, calibration_samples=32, seed=seed) if quick else cls(seed=seed)
+        )
 
 
 def _balanced_labels(n: int) -> torch.Tensor:
@@ -114,7 +116,9 @@ def evaluate_row(
         "method": row.method,
         "fd": frechet_distance(features, real_features),
         "class_accuracy": class_accuracy(classifier, samples, labels),
-        "psnr_vs_fp": psnr(samples, fp_samples) if fp_samples is not None else None,  # FP vs itself: undefined
+        "psnr_vs_fp": psnr(samples, fp_samples)
+        if fp_samples is not None
+        else None,  # FP vs itself: undefined
         "bits_per_weight": weight_bits_per_parameter(model),
         "size_bytes": model_size_bytes(model),
         "step_latency_ms": measure_step_latency(model, _latency_inputs(model, settings.latency_batch)),
@@ -142,7 +146,9 @@ def run_demo(
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is an existing file; give a directory (it is created if missing).")
     if not rows or rows[0].config is not None:
-        raise ValueError("the first demo row must be the float model (config=None): FD ratios are relative to it.")
+        raise ValueError(
+            "the first demo row must be the float model (config=None): FD ratios are relative to it."
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = DemoSettings.for_mode(quick, seed)
     started = time.perf_counter()
@@ -166,7 +172,9 @@ def run_demo(
     }
     fp_samples = None
     for row in tqdm(rows, desc="demo rows", disable=not progress):
-        result, samples = evaluate_row(row, fp_model, classifier, real_features, fp_samples, settings, out_dir)
+        result, samples = evaluate_row(
+            row, fp_model, classifier, real_features, fp_samples, settings, out_dir
+        )
         if fp_samples is None:
             fp_samples = samples
         result["fd_ratio"] = result["fd"] / results["rows"][0]["fd"] if results["rows"] else 1.0

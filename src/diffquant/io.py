@@ -88,7 +88,9 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     """
     config: QuantConfig | None = getattr(model, "diffquant_config", None)
     if config is None:
-        raise ValueError("model is not quantized by diffquant; call diffquant.quantize_(model, config) first.")
+        raise ValueError(
+            "model is not quantized by diffquant; call diffquant.quantize_(model, config) first."
+        )
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{directory} is an existing file; choose a directory path for the checkpoint.")
@@ -202,7 +204,9 @@ def load_quantized(
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing; the checkpoint is incomplete.")
     if _sha256(weights) != description.get("weights_sha256"):
-        raise CheckpointError(f"{weights} is corrupt or truncated (checksum mismatch); re-save the checkpoint.")
+        raise CheckpointError(
+            f"{weights} is corrupt or truncated (checksum mismatch); re-save the checkpoint."
+        )
     try:
         tensors = load_file(weights)
     except (SafetensorError, OSError) as err:

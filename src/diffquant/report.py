@@ -50,9 +50,20 @@ def plot_fd_vs_bits(results: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for row in results["rows"]:
         ax.scatter(row["bits_per_weight"], row["fd"], s=30)
-        ax.annotate(row["name"], (row["bits_per_weight"], row["fd"]), textcoords="offset points", xytext=(4, 4),
-                    fontsize=8)
-    ax.axhline(results["noise_floor_fd"], color="grey", linestyle="--", linewidth=1, label="noise floor (real vs real)")
+        ax.annotate(
+            row["name"],
+            (row["bits_per_weight"], row["fd"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+        )
+    ax.axhline(
+        results["noise_floor_fd"],
+        color="grey",
+        linestyle="--",
+        linewidth=1,
+        label="noise floor (real vs real)",
+    )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("stored bits per weight (log scale)")
     ax.set_ylabel("FD to real digits (lower is better)")

@@ -69,4 +69,3 @@ def select_targets(model: nn.Module, config: QuantConfig) -> Targets:
             f"(include={list(config.include)}, exclude={list(config.exclude)}, keep_fp={list(keep_fp)})."
         )
     return Targets(tuple(quantize), tuple(kept))
-

@@ -5,7 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from diffquant.eval.frechet import classifier_features, frechet_distance, image_frechet_distance, noise_floor_fd
+from diffquant.eval.frechet import (
+    classifier_features,
+    frechet_distance,
+    image_frechet_distance,
+    noise_floor_fd,
+)
 
 
 @pytest.fixture

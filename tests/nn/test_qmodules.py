@@ -23,14 +23,21 @@ def test_linear_reference_path_is_exact():
 
 @pytest.mark.parametrize(
     "conv",
-    [nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
-     nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.Conv2d(8, 16, 1), nn.Conv2d(8, 16, 3, padding="same")],
+    [
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
+        nn.Conv2d(8, 8, 3, padding=1, groups=4),
+        nn.Conv2d(8, 16, 1),
+        nn.Conv2d(8, 16, 3, padding="same"),
+    ],
 )
 def test_conv_reference_path_matches_float_conv_with_dequantized_weight(conv):
     torch.manual_seed(0)
     q = QuantConv2d.from_float(conv, WeightQuantConfig(bits=8))
     x = torch.randn(2, 8, 9, 9)
-    expected = F.conv2d(x, q.qweight.dequantize(), conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    expected = F.conv2d(
+        x, q.qweight.dequantize(), conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups
+    )
     assert torch.equal(q(x), expected)
     assert sqnr_db(conv(x), q(x)) > 35  # 8-bit per-channel weights
 
@@ -50,7 +57,8 @@ def test_quality_degrades_gracefully_with_bits(bits):
     [
         lambda: QuantLinear.from_float(nn.Linear(32, 16), WeightQuantConfig(format="nf4", bits=4)),
         lambda: QuantConv2d.from_float(
-            nn.Conv2d(4, 8, 3, padding=1), WeightQuantConfig(bits=4, symmetric=False),
+            nn.Conv2d(4, 8, 3, padding=1),
+            WeightQuantConfig(bits=4, symmetric=False),
             ActivationQuantConfig(bits=8, mode="dynamic"),
         ),
     ],

@@ -1,7 +1,12 @@
 """Evaluation: Fréchet distance on classifier features, class accuracy, PSNR / MSE against the FP
 model's samples, and cost (step latency, stored size, peak memory)."""
 
-from diffquant.eval.frechet import classifier_features, frechet_distance, image_frechet_distance, noise_floor_fd
+from diffquant.eval.frechet import (
+    classifier_features,
+    frechet_distance,
+    image_frechet_distance,
+    noise_floor_fd,
+)
 from diffquant.eval.metrics import class_accuracy, mse, psnr
 from diffquant.eval.perf import (
     PeakMemory,

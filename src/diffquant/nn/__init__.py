@@ -6,6 +6,9 @@ from diffquant.nn.act_quant import (
     StaticActivationQuantizer,
     build_activation_quantizer,
 )
+from diffquant.nn.act_step_table import StepTableActivationQuantizer
+from diffquant.nn.act_tdq import LogSnrTDQActivationQuantizer, TDQActivationQuantizer
+from diffquant.nn.act_timestep import TimestepActivationQuantizer
 from diffquant.nn.packed import IntPackedWeight, NF4PackedWeight, PackedWeight
 from diffquant.nn.qmodules import QuantConv2d, QuantLinear, is_quantized_layer, quant_layer_class
 
@@ -13,11 +16,15 @@ __all__ = [
     "ActivationQuantizer",
     "DynamicActivationQuantizer",
     "IntPackedWeight",
+    "LogSnrTDQActivationQuantizer",
     "NF4PackedWeight",
     "PackedWeight",
     "QuantConv2d",
     "QuantLinear",
     "StaticActivationQuantizer",
+    "StepTableActivationQuantizer",
+    "TDQActivationQuantizer",
+    "TimestepActivationQuantizer",
     "build_activation_quantizer",
     "is_quantized_layer",
     "quant_layer_class",

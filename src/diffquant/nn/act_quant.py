@@ -31,7 +31,8 @@ class ActivationQuantizer(nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        ActivationQuantizer.registry[cls.mode] = cls
+        if "mode" in cls.__dict__:  # shared bases without a mode of their own are not registered
+            ActivationQuantizer.registry[cls.mode] = cls
 
     def __init__(self, config: ActivationQuantConfig, channel_dim: int):
         super().__init__()
@@ -43,8 +44,23 @@ class ActivationQuantizer(nn.Module):
         """JSON description used to rebuild the quantizer before loading a checkpoint."""
         return {"config": self.config.to_dict(), "channel_dim": self.channel_dim}
 
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> ActivationQuantizer:
+        """Allocate an uncalibrated quantizer described by :meth:`meta`, with buffers shaped for
+        ``load_state_dict`` (subclasses with data-dependent sizes override this)."""
+        return cls(ActivationQuantConfig.from_dict(meta["config"]), meta["channel_dim"])
+
     def extra_repr(self) -> str:
         return f"mode={self.mode}, bits={self.config.bits}, symmetric={self.config.symmetric}"
+
+
+def _quantizer_class(mode: str) -> type[ActivationQuantizer]:
+    cls = ActivationQuantizer.registry.get(mode)
+    if cls is None:
+        raise ValueError(
+            f"unknown activation mode {mode!r}; registered modes: {sorted(ActivationQuantizer.registry)}."
+        )
+    return cls
 
 
 def build_activation_quantizer(config: ActivationQuantConfig, channel_dim: int) -> ActivationQuantizer:
@@ -53,18 +69,12 @@ def build_activation_quantizer(config: ActivationQuantConfig, channel_dim: int) 
     Raises:
         ValueError: when no quantizer is registered under ``config.mode``.
     """
-    cls = ActivationQuantizer.registry.get(config.mode)
-    if cls is None:
-        raise ValueError(
-            f"unknown activation mode {config.mode!r}; registered modes: "
-            f"{sorted(ActivationQuantizer.registry)}."
-        )
-    return cls(config, channel_dim)
+    return _quantizer_class(config.mode)(config, channel_dim)
 
 
 def quantizer_from_meta(meta: dict[str, Any]) -> ActivationQuantizer:
     """Rebuild an (uncalibrated) quantizer from :meth:`ActivationQuantizer.meta`."""
-    return build_activation_quantizer(ActivationQuantConfig.from_dict(meta["config"]), meta["channel_dim"])
+    return _quantizer_class(ActivationQuantConfig.from_dict(meta["config"]).mode).from_meta(meta)
 
 
 def _check_finite(x: Tensor, where: str) -> None:
@@ -114,8 +124,9 @@ class StaticActivationQuantizer(ActivationQuantizer):
         self._hi = hi if self._hi is None else torch.maximum(self._hi, hi)
         if self.config.range_method != "minmax" and sum(s.numel() for s in self._samples) < self.max_samples:
             gen = torch.Generator(device=flat.device).manual_seed(len(self._samples))
-            idx = torch.randint(flat.numel(), (min(flat.numel(), self.samples_per_batch),), generator=gen,
-                                device=flat.device)
+            idx = torch.randint(
+                flat.numel(), (min(flat.numel(), self.samples_per_batch),), generator=gen, device=flat.device
+            )
             self._samples.append(flat[idx].cpu())
 
     @torch.no_grad()
@@ -131,14 +142,21 @@ class StaticActivationQuantizer(ActivationQuantizer):
                 "model on at least one representative batch (empty calibration data?)."
             )
         if self.config.range_method == "minmax":
-            values = torch.stack([self._lo, self._hi]).reshape(1, 2)  # (1, 2): min-max of these = observed range
+            values = torch.stack([self._lo, self._hi]).reshape(
+                1, 2
+            )  # (1, 2): min-max of these = observed range
         else:
             values = torch.cat([*self._samples, self._lo.reshape(1).cpu(), self._hi.reshape(1).cpu()])
             values = values.reshape(1, -1)  # (1, n) one "channel" of samples
         kwargs = {"percentile": self.config.percentile} if self.config.range_method == "percentile" else {}
         scale, zero_point = affine.choose_qparams(
-            values.float(), self.config.bits, self.config.symmetric, "tensor", None,
-            self.config.range_method, **kwargs,
+            values.float(),
+            self.config.bits,
+            self.config.symmetric,
+            "tensor",
+            None,
+            self.config.range_method,
+            **kwargs,
         )
         self.scale.copy_(scale.reshape(1))
         self.zero_point.copy_(zero_point.reshape(1).float())
@@ -154,7 +172,9 @@ class StaticActivationQuantizer(ActivationQuantizer):
                 f"{self.name} uses static activation ranges but was never calibrated; pass "
                 "calibrate=fn to diffquant.quantize_ (fn runs the model on representative inputs)."
             )
-        return affine.fake_quantize(x, self.scale.to(x.dtype), self.zero_point.to(x.dtype), self.qmin, self.qmax)
+        return affine.fake_quantize(
+            x, self.scale.to(x.dtype), self.zero_point.to(x.dtype), self.qmin, self.qmax
+        )
 
 
 class DynamicActivationQuantizer(ActivationQuantizer):

@@ -219,7 +219,11 @@ class NF4PackedWeight(PackedWeight):
     def codes(self) -> nf4.NF4Codes:
         """The stored tensors as an :class:`~diffquant.quant.nf4.NF4Codes` record."""
         stats = (
-            {"absmax_q": self.absmax_q, "absmax_scale": self.absmax_scale, "absmax_offset": self.absmax_offset}
+            {
+                "absmax_q": self.absmax_q,
+                "absmax_scale": self.absmax_scale,
+                "absmax_offset": self.absmax_offset,
+            }
             if self.double_quant
             else {"absmax": self.absmax}
         )

@@ -57,7 +57,9 @@ class _QuantLayer(nn.Module):
         """Allocate an empty layer described by :meth:`meta` (weights are loaded afterwards)."""
         cls = {"linear": QuantLinear, "conv2d": QuantConv2d}.get(meta.get("kind"))
         if cls is None:
-            raise ValueError(f"unknown quantized layer kind {meta.get('kind')!r}; expected 'linear' or 'conv2d'.")
+            raise ValueError(
+                f"unknown quantized layer kind {meta.get('kind')!r}; expected 'linear' or 'conv2d'."
+            )
         qweight = PackedWeight.from_meta(meta["weight"])
         out_channels = qweight.shape[0]
         bias = torch.zeros(out_channels) if meta["has_bias"] else None
@@ -104,7 +106,9 @@ class QuantLinear(_QuantLayer):
         return F.linear(x, self.qweight.dequantize(x.dtype), bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, weight={self.qweight.meta()}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, weight={self.qweight.meta()}"
+        )
 
 
 class QuantConv2d(_QuantLayer):
@@ -140,7 +144,13 @@ class QuantConv2d(_QuantLayer):
         qweight = qweight if qweight is not None else PackedWeight.from_float(module.weight, weights)
         quant = build_activation_quantizer(activations, cls.channel_dim) if activations is not None else None
         return cls(
-            qweight, module.bias, quant, module.stride, module.padding, module.dilation, module.groups,
+            qweight,
+            module.bias,
+            quant,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
             module.padding_mode,
         )
 
@@ -156,8 +166,9 @@ class QuantConv2d(_QuantLayer):
     def forward(self, x: Tensor) -> Tensor:
         x = self._quantize_input(x)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.conv2d(x, self.qweight.dequantize(x.dtype), bias, self.stride, self.padding, self.dilation,
-                        self.groups)
+        return F.conv2d(
+            x, self.qweight.dequantize(x.dtype), bias, self.stride, self.padding, self.dilation, self.groups
+        )
 
     def extra_repr(self) -> str:
         return (

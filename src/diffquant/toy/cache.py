@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from diffusers import DDPMScheduler, UNet2DModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from diffquant.eval.metrics import class_accuracy
@@ -159,7 +160,7 @@ def load_or_train_classifier(
         info = json.loads((path / CLASSIFIER_CONFIG).read_text())
         model = DigitClassifier(info["classifier"]["width"], info["classifier"]["feature_dim"])
         model.load_state_dict(load_file(path / CLASSIFIER_WEIGHTS))
-    except (OSError, KeyError, ValueError, RuntimeError) as err:
+    except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as err:
         raise OSError(f"cached classifier at {path} is unreadable ({err}); delete that folder to retrain") from err
     model.test_accuracy = float(info["test_accuracy"])
     return model.eval()

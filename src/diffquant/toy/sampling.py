@@ -81,7 +81,7 @@ def sample_digits(
     labels = torch.as_tensor(labels)
     if labels.ndim != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels must be a 1-D integer tensor of class ids, got {labels.dtype} {tuple(labels.shape)}")
-    if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < NUM_CLASS_EMBEDS):
+    if labels.numel() and not (int(labels.min()) >= 0 and int(labels.max()) < NUM_CLASS_EMBEDS):
         raise ValueError(f"labels must lie in 0..{NUM_CLASS_EMBEDS - 1}, got {labels.min()}..{labels.max()}")
     if num_steps < 1 or batch_size < 1:
         raise ValueError(f"num_steps and batch_size must be >= 1, got {num_steps} and {batch_size}")
