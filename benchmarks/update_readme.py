@@ -35,7 +35,8 @@ def main(run_dir: str = "out/demo") -> None:
     grids = " ".join(f"[{row['name']}](docs/assets/{row['grid']})" for row in results["rows"])
     block = f"""{START}
 Full run: {results["num_samples"]} samples per row, {results["sampler"]} with classifier-free guidance,
-{results["image_size"]}×{results["image_size"]} digits; noise floor FD (real vs real) **{results["noise_floor_fd"]:.2f}**;
+{results["image_size"]}×{results["image_size"]} digits;
+noise floor FD (real vs real) **{results["noise_floor_fd"]:.2f}**;
 step latency = one denoiser call on a CFG batch of {results["latency_batch"]} images, {results["threads"]} CPU threads;
 whole run {results["total_seconds"] / 60:.1f} min (FP training included if it was not cached). Raw numbers:
 [docs/assets/demo_results.json](docs/assets/demo_results.json).
