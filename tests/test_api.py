@@ -151,3 +151,11 @@ def _calibrate_kwargs(inputs):
 def test_public_api_is_exported():
     for name in ("quantize_", "save_quantized", "load_quantized", "QuantConfig", "register_weight_method"):
         assert hasattr(diffquant, name)
+
+
+def test_group_fallback_quantizes_indivisible_layers_per_channel():
+    model = Net()  # conv: 36 inputs, head: 8, out: 16
+    weights = WeightQuantConfig(bits=4, granularity="group", group_size=8, fallback_granularity="channel")
+    quantize_(model, QuantConfig(weights=weights, keep_fp=()))
+    scales = {name: layer.qweight.scale.shape for name, layer in quantized_layers(model).items()}
+    assert scales == {"conv": (8, 1), "head": (16, 1), "out": (4, 2)}

@@ -72,3 +72,11 @@ def test_quant_config_validation():
         QuantConfig.from_dict({"weights": {}, "bogus": 1})
     with pytest.raises(ValueError, match="unknown WeightQuantConfig field"):
         QuantConfig.from_dict({"weights": {"nbits": 4}})
+
+
+def test_fallback_granularity():
+    cfg = WeightQuantConfig(bits=4, granularity="group", group_size=64, fallback_granularity="channel")
+    assert cfg.for_layer(128) is cfg
+    assert cfg.for_layer(288).granularity == "channel" and cfg.for_layer(288).group_size is None
+    with pytest.raises(ValueError, match="fallback_granularity='group'"):
+        WeightQuantConfig(fallback_granularity="group")

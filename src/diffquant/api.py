@@ -51,7 +51,10 @@ def weight_methods() -> tuple[str, ...]:
 @register_weight_method("rtn")
 def _round_to_nearest(model, layers, config, calibrate) -> dict[str, PackedWeight]:
     """Round-to-nearest with the configured range choice (no calibration data needed)."""
-    return {name: PackedWeight.from_float(layer.weight, config.weights) for name, layer in layers.items()}
+    return {
+        name: PackedWeight.from_float(layer.weight, config.weights.for_layer(layer.weight[0].numel()))
+        for name, layer in layers.items()
+    }
 
 
 def quantize_(
@@ -145,15 +148,15 @@ def attach_default_noise_context(model: nn.Module, schedule: Any = None) -> None
 
 def _check_group_size(layers: dict[str, nn.Module], config: QuantConfig) -> None:
     group = config.weights.group_size if config.weights.granularity == "group" else None
-    if config.weights.format != "int" or group is None:
+    if config.weights.format != "int" or group is None or config.weights.fallback_granularity:
         return
     bad = {name: layer.weight[0].numel() for name, layer in layers.items() if layer.weight[0].numel() % group}
     if bad:
         listed = ", ".join(f"{name} ({size})" for name, size in list(bad.items())[:6])
         raise ValueError(
             f"group_size {group} does not divide the flattened input size of {len(bad)} layer(s): {listed}"
-            f"{' ...' if len(bad) > 6 else ''}. Choose a group size that divides them, or keep those layers "
-            "out with QuantConfig.exclude."
+            f"{' ...' if len(bad) > 6 else ''}. Choose a group size that divides them, keep those layers out "
+            "with QuantConfig.exclude, or set WeightQuantConfig(fallback_granularity='channel')."
         )
 
 

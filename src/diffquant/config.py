@@ -108,6 +108,9 @@ class WeightQuantConfig(_JsonConfig):
             such as GPTQ register themselves under their own names).
         block_size: NF4 absmax block size (power of two, 32..4096).
         double_quant: NF4 double quantization of the absmax values (blocks of 256, 8-bit).
+        fallback_granularity: what to do with a layer whose input size ``group_size`` does not
+            divide: ``None`` (default) raises; ``"channel"`` or ``"tensor"`` quantizes that layer
+            at this granularity instead (the layer's stored scales show which one it got).
 
     Raises:
         ValueError: on an unsupported format, bit-width, granularity or range method, or a
@@ -123,9 +126,12 @@ class WeightQuantConfig(_JsonConfig):
     method: str = "rtn"
     block_size: int = 64
     double_quant: bool = True
+    fallback_granularity: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("format", self.format, WEIGHT_FORMATS)
+        if self.fallback_granularity is not None:
+            _check_choice("fallback_granularity", self.fallback_granularity, ("channel", "tensor"))
         if self.format == "nf4":
             if self.bits != 4:
                 raise ValueError(
@@ -157,6 +163,13 @@ class WeightQuantConfig(_JsonConfig):
                 f"group_size={self.group_size} is only used with granularity='group' "
                 f"(got granularity={self.granularity!r}); drop group_size or set granularity='group'."
             )
+
+    def for_layer(self, in_features: int) -> WeightQuantConfig:
+        """The config for a layer with ``in_features`` flattened inputs (``fallback_granularity``
+        applied when ``group_size`` does not divide it)."""
+        if self.granularity == "group" and self.fallback_granularity and in_features % self.group_size:
+            return dataclasses.replace(self, granularity=self.fallback_granularity, group_size=None)
+        return self
 
     @property
     def label(self) -> str:

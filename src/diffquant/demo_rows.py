@@ -56,8 +56,12 @@ DEMO_ROWS: tuple[DemoRow, ...] = (
     ),
     DemoRow(
         "w4a16-rtn-g64",
-        "RTN INT4 weights in groups of 64, weight-only",
-        QuantConfig(weights=WeightQuantConfig(bits=4, granularity="group", group_size=64, symmetric=False)),
+        "RTN INT4 weights in groups of 64 (per-channel where 64 does not divide a layer's inputs), weight-only",
+        QuantConfig(
+            weights=WeightQuantConfig(
+                bits=4, granularity="group", group_size=64, symmetric=False, fallback_granularity="channel"
+            )
+        ),
     ),
     DemoRow(
         "nf4",

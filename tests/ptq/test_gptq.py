@@ -181,7 +181,7 @@ def test_output_error_beats_rtn(bits, grid):
         ratios.append(output_error(W, res.weight, x) / output_error(W, rtn(W, bits, **rtn_kwargs), x))
     assert max(ratios) <= 1.0
     if bits in (3, 4):
-        assert max(ratios) < 0.75, ratios
+        assert max(ratios) < 0.6, ratios
 
 
 def test_dead_inputs_give_zero_columns():
@@ -197,7 +197,9 @@ def test_dead_inputs_give_zero_columns():
 
 def test_act_order_with_dynamic_groups_is_rejected():
     with pytest.raises(ValueError, match="static_groups=True"):
-        gptq_quantize(torch.randn(4, 32), torch.eye(32), bits=4, granularity="group", group_size=8, act_order=True)
+        gptq_quantize(
+            torch.randn(4, 32), torch.eye(32), bits=4, granularity="group", group_size=8, act_order=True
+        )
 
 
 def test_indefinite_hessian_raises():

@@ -172,7 +172,9 @@ def test_damped_cholesky_inverse_factorises_the_damped_inverse():
     assert lam == pytest.approx(0.01 * H.diagonal().mean().item(), rel=1e-6)
     assert torch.equal(U, torch.triu(U))
     expected = torch.linalg.inv(H.double() + lam * torch.eye(16, dtype=torch.float64))
-    torch.testing.assert_close((U.T @ U).double(), expected, rtol=1e-3, atol=1e-5 * expected.abs().max().item())
+    torch.testing.assert_close(
+        (U.T @ U).double(), expected, rtol=1e-3, atol=1e-5 * expected.abs().max().item()
+    )
 
 
 def test_indefinite_hessian_raises_clear_error():

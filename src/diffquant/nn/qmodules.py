@@ -93,7 +93,11 @@ class QuantLinear(_QuantLayer):
         qweight: PackedWeight | None = None,
     ) -> QuantLinear:
         """Quantize ``module`` (round-to-nearest unless a precomputed ``qweight`` is given)."""
-        qweight = qweight if qweight is not None else PackedWeight.from_float(module.weight, weights)
+        qweight = (
+            qweight
+            if qweight is not None
+            else PackedWeight.from_float(module.weight, weights.for_layer(module.weight[0].numel()))
+        )
         quant = build_activation_quantizer(activations, cls.channel_dim) if activations is not None else None
         return cls(qweight, module.bias, quant, module.in_features, module.out_features)
 
@@ -141,7 +145,11 @@ class QuantConv2d(_QuantLayer):
         qweight: PackedWeight | None = None,
     ) -> QuantConv2d:
         """Quantize ``module`` (round-to-nearest unless a precomputed ``qweight`` is given)."""
-        qweight = qweight if qweight is not None else PackedWeight.from_float(module.weight, weights)
+        qweight = (
+            qweight
+            if qweight is not None
+            else PackedWeight.from_float(module.weight, weights.for_layer(module.weight[0].numel()))
+        )
         quant = build_activation_quantizer(activations, cls.channel_dim) if activations is not None else None
         return cls(
             qweight,

@@ -39,8 +39,9 @@ class QuantResult:
         weight: float32 ``(out, in)``, exactly ``dequantize_weight(q, scale, zero_point)``.
         loss: the proxy objective ``½ Σ_rows (ŵ − w*) H_λ (ŵ − w*)ᵀ`` accumulated column by column as
             GPTQ's ``Losses`` (``½ Σ e²``, ``e = (w_i − q_i) / U_ii``); ``H_λ`` is the damped Hessian and
-            ``w*`` the unconstrained optimum (``W`` itself for GPTQ). With ``H = 2/n Σ x xᵀ`` it is about
-            ``(1/n) ‖(W − Ŵ) X‖²``, the mean squared output error summed over output channels.
+            ``w*`` the unconstrained optimum (``W`` itself for GPTQ). For GPTQ with ``H = 2/n Σ x xᵀ`` it
+            equals ``(1/n) ‖(W − Ŵ) X‖² + (λ/2) ‖W − Ŵ‖²``: the per-sample squared output error summed
+            over output channels, plus the damping term.
         damping: absolute damping ``λ`` added to ``diag(H)``.
         retries: Cholesky retries needed (each multiplied ``λ`` by the growth factor).
     """
@@ -129,9 +130,10 @@ def diffuse_errors(
     """GPTQ's lazy-block loop over columns ``start..in-1``; returns the summed proxy loss (0-d tensor).
 
     ``W (out, in)`` is the working weight, updated in place (quantized columns end as their dequantized
-    values); ``U (in, in)`` the upper Cholesky factor of the damped ``H⁻¹`` restricted to the columns
-    still free at ``start`` (its rows/columns ``start..`` are used); ``codes (out, in)`` int32 receives
-    the codes of columns ``start..``. The loop runs on the transpose so that every column is contiguous.
+    values); ``U (in, in)`` is the upper Cholesky factor of the damped ``H⁻¹``, of which only
+    ``U[start:, start:]`` is read (the factor of the inverse of ``H[start:, start:]``, which is what the
+    free columns need once columns ``..start-1`` are fixed); ``codes (out, in)`` int32 receives the codes
+    of columns ``start..``. The loop runs on the transpose so that every column is contiguous.
     """
     n_in = W.shape[1]
     Wt = W.T.contiguous()  # (in, out): row j is column j of W
@@ -191,7 +193,11 @@ def check_problem(W: Tensor, H: Tensor, block_size: int) -> torch.dtype:
 
 
 def act_order_permutation(H: Tensor) -> tuple[Tensor, Tensor]:
-    """``(perm, inverse perm)``: columns by descending ``diag H`` (stable, so ties keep their order)."""
+    """``(perm, inverse perm)``: columns by descending ``diag H`` (stable, so ties keep their order).
+
+    Taken before the dead-input fix, so never-active inputs go last (GPTQ's reference sorts after setting
+    their diagonal to 1; their columns are zero either way).
+    """
     perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
     return perm, torch.argsort(perm)
 
