@@ -8,6 +8,8 @@ methods compose freely and adding one never edits this file.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,27 +19,43 @@ from tqdm.auto import tqdm
 from diffquant.config import QuantConfig
 from diffquant.models import get_arch_spec
 from diffquant.nn.act_quant import ActivationQuantizer
-from diffquant.nn.packed import PackedWeight
 from diffquant.nn.qmodules import is_quantized_layer, quant_layer_class
 from diffquant.noise import attach_noise_context
+from diffquant.ptq.calibration import DenoiserCall, record_denoiser_calls, replay
+from diffquant.ptq.paths import attach_float_weights, float_path, release_float_weights
 from diffquant.targeting import select_targets
 
 Calibrate = Callable[[nn.Module], Any]
 """A function that runs the model on representative inputs (its return value is ignored)."""
 
-WeightMethod = Callable[
-    [nn.Module, dict[str, nn.Module], QuantConfig, Calibrate | None], dict[str, PackedWeight]
-]
-"""``(model, layers_by_name, config, calibrate) -> packed weight per layer name``."""
+WeightMethod = Callable[[nn.Module, dict[str, nn.Module], QuantConfig, list[DenoiserCall] | None], None]
+"""``(model, quantized_layers_by_name, config, calibration_calls) -> None``.
 
-_WEIGHT_METHODS: dict[str, WeightMethod] = {}
+Every targeted layer starts from round-to-nearest weights and keeps its float weight
+(``layer.float_weight``) while the method runs; a calibrated method replaces ``layer.qweight``."""
 
 
-def register_weight_method(name: str) -> Callable[[WeightMethod], WeightMethod]:
-    """Decorator: make a weight quantization method available as ``WeightQuantConfig(method=name)``."""
+@dataclass(frozen=True)
+class _Method:
+    fn: WeightMethod
+    needs_calibration: bool
+
+
+_WEIGHT_METHODS: dict[str, _Method] = {}
+
+
+def register_weight_method(
+    name: str, *, needs_calibration: bool = False
+) -> Callable[[WeightMethod], WeightMethod]:
+    """Decorator: make a weight quantization method available as ``WeightQuantConfig(method=name)``.
+
+    Args:
+        name: the method's name in configs.
+        needs_calibration: the method uses the recorded calibration calls (``calibrate`` required).
+    """
 
     def decorator(fn: WeightMethod) -> WeightMethod:
-        _WEIGHT_METHODS[name] = fn
+        _WEIGHT_METHODS[name] = _Method(fn, needs_calibration)
         return fn
 
     return decorator
@@ -49,12 +67,8 @@ def weight_methods() -> tuple[str, ...]:
 
 
 @register_weight_method("rtn")
-def _round_to_nearest(model, layers, config, calibrate) -> dict[str, PackedWeight]:
-    """Round-to-nearest with the configured range choice (no calibration data needed)."""
-    return {
-        name: PackedWeight.from_float(layer.weight, config.weights.for_layer(layer.weight[0].numel()))
-        for name, layer in layers.items()
-    }
+def _round_to_nearest(model, layers, config, calls) -> None:
+    """Round-to-nearest with the configured range choice: the layers already hold it."""
 
 
 def quantize_(
@@ -110,32 +124,47 @@ def quantize_(
                 f"unknown activation mode {config.activations.mode!r}; "
                 f"registered: {sorted(ActivationQuantizer.registry)}."
             )
-        if act_cls.needs_calibration and calibrate is None:
-            raise ValueError(
-                f"activation mode {config.activations.mode!r} needs calibration data: pass "
-                "calibrate=fn, where fn(model) runs the model on representative inputs."
-            )
+    calibrate_acts = act_cls is not None and act_cls.needs_calibration
+    if (calibrate_acts or method.needs_calibration) and calibrate is None:
+        needer = (
+            f"activation mode {config.activations.mode!r}"
+            if calibrate_acts
+            else f"weight method {config.weights.method!r}"
+        )
+        raise ValueError(
+            f"{needer} needs calibration data: pass calibrate=fn, where fn(model) runs the float model "
+            "on representative inputs (e.g. a few sampling runs)."
+        )
 
     targets = select_targets(model, config)
-    layers = {name: model.get_submodule(name) for name in targets.quantize}
-    for name, layer in layers.items():
+    originals = {name: model.get_submodule(name) for name in targets.quantize}
+    for name, layer in originals.items():
         if not torch.isfinite(layer.weight).all():
             raise ValueError(f"layer {name!r} has NaN/Inf weights; fix the float model before quantizing it.")
-    _check_group_size(layers, config)
-    packed = method(model, layers, config, calibrate)
-    for name in tqdm(targets.quantize, desc="quantize", disable=not progress, leave=False):
-        layer = layers[name]
-        qlayer = quant_layer_class(layer).from_float(layer, config.weights, config.activations, packed[name])
-        model.set_submodule(name, qlayer.to(layer.weight.device))
-    if act_cls is not None and act_cls.needs_calibration:
-        try:
-            calibrate_activations(model, calibrate)
-        except BaseException:
-            for name, layer in layers.items():  # leave the float model as it was
-                model.set_submodule(name, layer)
-            raise
-    model.diffquant_config = config
+    _check_group_size(originals, config)
     attach_default_noise_context(model, schedule)
+    calls = None
+    if calibrate_acts or method.needs_calibration:
+        calls = record_denoiser_calls(model, calibrate, config.calibration)
+
+    layers = {}
+    for name in tqdm(targets.quantize, desc="quantize", disable=not progress, leave=False):
+        layer = originals[name]
+        layers[name] = quant_layer_class(layer).from_float(layer, config.weights, config.activations)
+        model.set_submodule(name, layers[name].to(layer.weight.device))
+    attach_float_weights(layers, originals)
+    try:
+        if calibrate_acts:
+            with float_path(model):
+                calibrate_activations(model, partial(replay, calls=calls))
+        method.fn(model, layers, config, calls)
+    except BaseException:
+        for name, layer in originals.items():  # leave the float model as it was
+            model.set_submodule(name, layer)
+        raise
+    finally:
+        release_float_weights(layers.values())
+    model.diffquant_config = config
     return model
 
 

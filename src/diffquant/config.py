@@ -216,6 +216,31 @@ class ActivationQuantConfig(_JsonConfig):
 
 
 @dataclass(frozen=True)
+class CalibrationConfig(_JsonConfig):
+    """Which denoiser calls of the calibration run are kept (the run is recorded once, then replayed).
+
+    Args:
+        num_steps: calls kept, spread uniformly over the recorded trajectory (``None`` keeps all).
+        samples_per_step: batch rows kept per call, spread evenly over the batch so both halves of
+            a classifier-free-guidance batch are represented (``None`` keeps all).
+
+    Raises:
+        ValueError: on a count below 1.
+    """
+
+    num_steps: int | None = None
+    samples_per_step: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("num_steps", "samples_per_step"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(
+                    f"CalibrationConfig.{name} must be a positive integer or None, got {value!r}."
+                )
+
+
+@dataclass(frozen=True)
 class QuantConfig(_JsonConfig):
     """Everything :func:`diffquant.quantize_` needs: weights × activations × targets.
 
@@ -227,6 +252,7 @@ class QuantConfig(_JsonConfig):
         exclude: regexes of layers never quantized.
         keep_fp: regexes of layers kept in full precision; ``None`` uses the architecture's
             defaults (first/last layers, timestep embedding — see :mod:`diffquant.models`).
+        calibration: which recorded denoiser calls calibrate activations and weights.
         version: config schema version (checked on load).
 
     Raises:
@@ -238,9 +264,14 @@ class QuantConfig(_JsonConfig):
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     keep_fp: tuple[str, ...] | None = None
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     version: int = CONFIG_VERSION
 
-    _nested: ClassVar[dict[str, type]] = {"weights": WeightQuantConfig, "activations": ActivationQuantConfig}
+    _nested: ClassVar[dict[str, type]] = {
+        "weights": WeightQuantConfig,
+        "activations": ActivationQuantConfig,
+        "calibration": CalibrationConfig,
+    }
 
     def __post_init__(self) -> None:
         if self.version != CONFIG_VERSION:

@@ -77,6 +77,16 @@ def test_matched_inputs_error_close_to_gptq(bits):
     assert statistics.median(ratios) <= 1.05, ratios
 
 
+def test_float32_is_as_accurate_as_float64_on_ill_conditioned_inputs():
+    """cond(H) = 1e4: recomputing W·G·(H_λ)⁻¹ in float32 would lose ~cond·eps; the residual form does not."""
+    x = correlated_inputs(1024, 128, seed=8)
+    W = torch.randn(64, 128)
+    H, G = statistics_of(x, x)
+    err32 = mismatched_error(W, qronos_quantize(W, H, G, bits=8).weight, x, x)
+    err64 = mismatched_error(W, qronos_quantize(W.double(), H.double(), G.double(), bits=8).weight, x, x)
+    assert err32 == pytest.approx(err64, rel=0.05)
+
+
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("mismatch", [noisy, act_quantized])
 def test_mismatched_inputs_beat_gptq_and_rtn(bits, mismatch):

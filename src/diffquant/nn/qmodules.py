@@ -7,6 +7,7 @@ weight to the input's dtype, call the float op. Faster integer kernels live in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,6 +30,12 @@ class _QuantLayer(nn.Module):
         self.qweight = qweight
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.input_quant = input_quant
+        # Calibration only (never saved): the original float weight and switches to run the layer
+        # with it and/or with unquantized inputs. See diffquant.ptq.paths.
+        self.float_weight: Tensor | None = None
+        self.use_float_weight = False
+        self.quantize_inputs = True
+        self.input_observer: Callable[[Tensor], None] | None = None  # sees what the weight multiplies
 
     @property
     def weight(self) -> Tensor:
@@ -37,7 +44,17 @@ class _QuantLayer(nn.Module):
         return self.qweight.dequantize(dtype)
 
     def _quantize_input(self, x: Tensor) -> Tensor:
-        return self.input_quant(x) if self.input_quant is not None else x
+        x = self.input_quant(x) if self.input_quant is not None and self.quantize_inputs else x
+        if self.input_observer is not None:
+            self.input_observer(x)
+        return x
+
+    def _weight_for(self, x: Tensor) -> Tensor:
+        if self.use_float_weight:
+            if self.float_weight is None:
+                raise RuntimeError("this layer holds no float weight; the float path exists only while quantizing.")
+            return self.float_weight.to(x.dtype)
+        return self.qweight.dequantize(x.dtype)
 
     def meta(self) -> dict[str, Any]:
         """JSON description: enough to rebuild an empty layer and load its state dict."""
@@ -107,7 +124,7 @@ class QuantLinear(_QuantLayer):
     def forward(self, x: Tensor) -> Tensor:
         x = self._quantize_input(x)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.qweight.dequantize(x.dtype), bias)
+        return F.linear(x, self._weight_for(x), bias)
 
     def extra_repr(self) -> str:
         return (
@@ -175,7 +192,7 @@ class QuantConv2d(_QuantLayer):
         x = self._quantize_input(x)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.conv2d(
-            x, self.qweight.dequantize(x.dtype), bias, self.stride, self.padding, self.dilation, self.groups
+            x, self._weight_for(x), bias, self.stride, self.padding, self.dilation, self.groups
         )
 
     def extra_repr(self) -> str:

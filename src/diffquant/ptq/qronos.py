@@ -22,7 +22,7 @@ Where we deviate from Brevitas (same result in exact arithmetic, documented here
   Brevitas ``beta`` rescaling needed).
 - Steps 1 and 2 are evaluated in residual form, ``V + R·A`` with ``R = W·G − V·H`` formed from ``G − H``,
   instead of ``W·G·A``: the latter loses about ``cond(H)·eps`` to float32 rounding (with ``cond(H) = 1e4``
-  it doubled the layer error at 8 bits in our tests), while ``R`` is exactly 0 when ``X̃ = X``.
+  it raised an 8-bit layer's output error by 40 % in our tests), while ``R`` is exactly 0 when ``X̃ = X``.
 - Dead inputs (``H_ii = 0``) get ``H_ii = 1`` and a zero column as in GPTQ; the ``λ I`` part of
   ``G + λI`` multiplies the weights with those columns zeroed, so dead columns come out exactly 0
   (Brevitas multiplies the original weights there, leaving ``λ/(1+λ)·w``).
