@@ -22,7 +22,7 @@ from diffquant.nn.act_quant import ActivationQuantizer
 from diffquant.nn.qmodules import is_quantized_layer, quant_layer_class
 from diffquant.noise import attach_noise_context
 from diffquant.ptq.calibration import DenoiserCall, record_denoiser_calls, replay
-from diffquant.ptq.paths import attach_float_weights, float_path, release_float_weights
+from diffquant.ptq.paths import attach_float_weights, layer_paths, release_float_weights
 from diffquant.targeting import select_targets
 
 Calibrate = Callable[[nn.Module], Any]
@@ -155,7 +155,8 @@ def quantize_(
     attach_float_weights(layers, originals)
     try:
         if calibrate_acts:
-            with float_path(model):
+            # float weights; observing quantizers pass their inputs through unchanged: the float model
+            with layer_paths(layers.values(), float_weight=True, quantize_inputs=True):
                 calibrate_activations(model, partial(replay, calls=calls))
         method.fn(model, layers, config, calls)
     except BaseException:
