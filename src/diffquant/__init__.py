@@ -3,8 +3,8 @@
 The core API::
 
     import diffquant
-    cfg = diffquant.QuantConfig(weights=diffquant.WeightQuantConfig(bits=4, granularity="group", group_size=64))
-    diffquant.quantize_(unet, cfg)
+    cfg = diffquant.QuantConfig(weights=diffquant.WeightQuantConfig(bits=4, method="gptq"))
+    diffquant.quantize_(unet, cfg, calibrate=lambda m: run_the_float_sampler(m))
     diffquant.save_quantized(unet, "unet-w4")
     unet = diffquant.load_quantized("unet-w4")
 """
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 from diffquant.api import calibrate_activations, quantize_, register_weight_method, weight_bits_per_parameter
 from diffquant.config import ActivationQuantConfig, QuantConfig, WeightQuantConfig
 from diffquant.io import CheckpointError, load_quantized, save_quantized
+from diffquant.ptq import methods as _ptq_methods  # noqa: F401  (registers the "gptq" and "qronos" weight methods)
 
 __all__ = [
     "ActivationQuantConfig",

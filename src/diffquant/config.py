@@ -108,6 +108,12 @@ class WeightQuantConfig(_JsonConfig):
             such as GPTQ register themselves under their own names).
         block_size: NF4 absmax block size (power of two, 32..4096).
         double_quant: NF4 double quantization of the absmax values (blocks of 256, 8-bit).
+        damping: GPTQ/Qronos Hessian damping as a fraction of the mean diagonal (raised
+            automatically for ill-conditioned layers).
+        act_order: GPTQ/Qronos process columns by decreasing Hessian diagonal (group scales are
+            then fixed before the column loop, "static groups").
+        sequential: GPTQ/Qronos calibrate block by block on the outputs of the already-quantized
+            earlier blocks (``False``: every layer from float inputs in one pass).
         fallback_granularity: what to do with a layer whose input size ``group_size`` does not
             divide: ``None`` (default) raises; ``"channel"`` or ``"tensor"`` quantizes that layer
             at this granularity instead (the layer's stored scales show which one it got).
@@ -126,12 +132,19 @@ class WeightQuantConfig(_JsonConfig):
     method: str = "rtn"
     block_size: int = 64
     double_quant: bool = True
+    damping: float = 0.01
+    act_order: bool = False
+    sequential: bool = True
     fallback_granularity: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("format", self.format, WEIGHT_FORMATS)
         if self.fallback_granularity is not None:
             _check_choice("fallback_granularity", self.fallback_granularity, ("channel", "tensor"))
+        if not isinstance(self.damping, (int, float)) or not 0 < self.damping < 10:
+            raise ValueError(
+                f"damping must be a positive fraction of the mean Hessian diagonal, got {self.damping!r}."
+            )
         if self.format == "nf4":
             if self.bits != 4:
                 raise ValueError(

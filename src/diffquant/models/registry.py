@@ -10,7 +10,8 @@ _REGISTRY: dict[str, ArchSpec] = {}
 
 
 def _generic_blocks(model: nn.Module) -> list[str]:
-    """Top-level children that contain a Linear or Conv2d, in registration order.
+    """Top-level children that hold weights (parameters or buffers — quantized layers keep their
+    packed weights as buffers), in registration order.
 
     Registration order is taken as execution order; a model whose ``forward`` visits its children in a
     different order should register an `ArchSpec` with its own ``block_prefixes``.
@@ -18,7 +19,7 @@ def _generic_blocks(model: nn.Module) -> list[str]:
     return [
         name
         for name, child in model.named_children()
-        if any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in child.modules())
+        if next(child.parameters(), None) is not None or next(child.buffers(), None) is not None
     ]
 
 
