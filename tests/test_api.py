@@ -95,7 +95,10 @@ def test_quantizing_twice_is_rejected():
 
 @pytest.mark.parametrize(
     ("calibrate", "message"),
-    [(_calibrate_with(), "empty calibration data"), (_calibrate_with(torch.full((2, 4, 6, 6), float("inf"))), "NaN/Inf")],
+    [
+        (_calibrate_with(), "empty calibration data"),
+        (_calibrate_with(torch.full((2, 4, 6, 6), float("inf"))), "NaN/Inf"),
+    ],
 )
 def test_failed_calibration_restores_the_float_model(calibrate, message):
     model = Net()

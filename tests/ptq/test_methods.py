@@ -33,7 +33,7 @@ def test_gptq_and_qronos_beat_rtn_on_held_out_inputs(sequential):
         quantize_(
             model,
             QuantConfig(weights=weights),
-            calibrate=lambda m: [m(**c) for c in calib],
+            calibrate=lambda m, calib=calib: [m(**c) for c in calib],
             schedule=scheduler_for_tests(),
         )
         errors[method] = _output_error(model, reference, held_out)
