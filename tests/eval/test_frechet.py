@@ -44,7 +44,9 @@ def test_scaling_matches_closed_form(feats):
 
 def test_numpy_and_torch_inputs_agree(feats):
     other = feats * 1.1
-    assert frechet_distance(feats.numpy(), other.numpy()) == pytest.approx(frechet_distance(feats, other), rel=1e-12)
+    assert frechet_distance(feats.numpy(), other.numpy()) == pytest.approx(
+        frechet_distance(feats, other), rel=1e-12
+    )
 
 
 def test_bad_inputs_raise_clear_errors(feats):

@@ -1,16 +1,18 @@
 import pytest
 import torch
 
+from diffquant.toy.data import load_digits_dataset
 from diffquant.toy.model import TINY_UNET
 from diffquant.toy.train import TrainConfig, train_fp_model, training_scheduler
 
 TINY_TRAIN = TrainConfig(steps=60, batch_size=32, lr=3e-3, warmup_steps=5, ema_decay=0.9)
+FEW_STEPS = TrainConfig(steps=5, batch_size=8, warmup_steps=1)
 
 
 def test_tiny_training_is_deterministic_for_a_seed():
-    a = train_fp_model(None, TINY_UNET, TrainConfig(steps=5, batch_size=8, warmup_steps=1), seed=3, progress=False)
-    b = train_fp_model(None, TINY_UNET, TrainConfig(steps=5, batch_size=8, warmup_steps=1), seed=3, progress=False)
-    c = train_fp_model(None, TINY_UNET, TrainConfig(steps=5, batch_size=8, warmup_steps=1), seed=4, progress=False)
+    a = train_fp_model(None, TINY_UNET, FEW_STEPS, seed=3, progress=False)
+    b = train_fp_model(None, TINY_UNET, FEW_STEPS, seed=3, progress=False)
+    c = train_fp_model(None, TINY_UNET, FEW_STEPS, seed=4, progress=False)
     sa, sb, sc = a.model.state_dict(), b.model.state_dict(), c.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert a.losses == b.losses
@@ -45,3 +47,5 @@ def test_bad_train_config_is_rejected():
         TrainConfig(label_dropout=1.0)
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="image_size=8"):
+        train_fp_model(load_digits_dataset(16), TINY_UNET, FEW_STEPS, progress=False)

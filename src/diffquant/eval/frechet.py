@@ -22,7 +22,11 @@ _SQRTM_EPS = 1e-6
 
 
 def _as_features(feats: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
-    arr = feats.detach().cpu().double().numpy() if isinstance(feats, torch.Tensor) else np.asarray(feats, np.float64)
+    arr = (
+        feats.detach().cpu().double().numpy()
+        if isinstance(feats, torch.Tensor)
+        else np.asarray(feats, np.float64)
+    )
     if arr.ndim != 2:
         raise ValueError(f"{name} must be a 2-D (N, D) feature matrix, got shape {arr.shape}")
     if arr.shape[0] < 2:
@@ -44,7 +48,9 @@ def frechet_distance(feats_a: torch.Tensor | np.ndarray, feats_b: torch.Tensor |
     """
     a, b = _as_features(feats_a, "feats_a"), _as_features(feats_b, "feats_b")
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature sizes differ: {a.shape[1]} vs {b.shape[1]}; use the same feature extractor")
+        raise ValueError(
+            f"feature sizes differ: {a.shape[1]} vs {b.shape[1]}; use the same feature extractor"
+        )
     dim = a.shape[1]
     if min(a.shape[0], b.shape[0]) <= dim:
         warnings.warn(
@@ -75,7 +81,9 @@ def classifier_features(classifier: nn.Module, images: torch.Tensor, batch_size:
 
 def image_frechet_distance(classifier: nn.Module, images_a: torch.Tensor, images_b: torch.Tensor) -> float:
     """FD between two image sets ``(N, 1, S, S)`` in the classifier's feature space."""
-    return frechet_distance(classifier_features(classifier, images_a), classifier_features(classifier, images_b))
+    return frechet_distance(
+        classifier_features(classifier, images_a), classifier_features(classifier, images_b)
+    )
 
 
 def noise_floor_fd(classifier: nn.Module, data, seed: int = 0) -> float:

@@ -23,7 +23,9 @@ def _check_pair(images: torch.Tensor, reference: torch.Tensor) -> None:
 
 
 @torch.inference_mode()
-def class_accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+def class_accuracy(
+    classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000
+) -> float:
     """Fraction of ``images`` that ``classifier`` assigns to the requested ``labels`` (prompt fidelity).
 
     Raises:

@@ -26,7 +26,9 @@ def _first_device(model: nn.Module) -> torch.device | None:
     return next((t.device for t in [*model.parameters(), *model.buffers()]), None)
 
 
-def measure_step_latency(model: nn.Module, inputs: dict | tuple, *, warmup: int = 2, repeats: int = 10) -> float:
+def measure_step_latency(
+    model: nn.Module, inputs: dict | tuple, *, warmup: int = 2, repeats: int = 10
+) -> float:
     """Median wall time in milliseconds of one ``model(*inputs)`` / ``model(**inputs)`` under
     ``torch.inference_mode()`` (CUDA is synchronised around each call).
 
@@ -36,7 +38,9 @@ def measure_step_latency(model: nn.Module, inputs: dict | tuple, *, warmup: int 
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     if not isinstance(inputs, dict | tuple):
-        raise TypeError(f"inputs must be a tuple of positional args or a dict of kwargs, got {type(inputs).__name__}")
+        raise TypeError(
+            f"inputs must be a tuple of positional args or a dict of kwargs, got {type(inputs).__name__}"
+        )
     device = _first_device(model)
 
     def call() -> None:
@@ -117,7 +121,11 @@ def track_peak_memory(device: torch.device | str | None = None) -> Iterator[Peak
         >>> mem.peak_bytes >= 0
         True
     """
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     result = PeakMemory(dev.type)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

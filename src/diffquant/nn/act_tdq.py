@@ -18,14 +18,18 @@ Post-training fitting (TDQ's PTQ variant): calibration gathers per-condition ran
 step table; the last layer starts at weights 0 and bias ``softplus⁻¹(static extent / range_unit)``
 (the static quantizer's range at every noise level), then :attr:`TDQActivationQuantizer.fit_steps`
 full-batch Adam steps (cosine learning rate, fixed initial weights: deterministic) minimise the
-squared extent error relative to each condition's span. The condition is mapped affinely from its
-calibrated interval to ``[-1, 1]`` and clamped there, so noise levels beyond the calibrated ones get
-the nearest calibrated end's range.
+squared extent error relative to each condition's span, at the calibrated conditions and on a
+uniform grid where the targets interpolate linearly between calibrated neighbours (so wide gaps, such
+as log-SNR's between ``t = 0`` and the next step, are bridged smoothly). The condition is mapped
+affinely from its calibrated interval to ``[-1, 1]`` and clamped there, so noise levels beyond the
+calibrated ones get the nearest calibrated end's range.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -43,6 +47,30 @@ _MIN_EXTENT = 1e-4  # smallest initial extent, in units of the static span (soft
 def inverse_softplus(y: Tensor) -> Tensor:
     """``x`` with ``softplus(x) = y`` for ``y > 0``: ``y + log(1 - exp(-y))``."""
     return y + torch.log(-torch.expm1(-y))
+
+
+def _interpolate(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """Piecewise-linear interpolation ``(M, C)`` of ``fp (K, C)`` given at increasing ``xp (K,)``, K >= 2,
+    at ``x (M,)`` (constant beyond the ends)."""
+    i = torch.searchsorted(xp, x).clamp(1, xp.numel() - 1)  # (M,) right neighbour
+    x0, x1 = xp[i - 1], xp[i]
+    w = ((x - x0) / (x1 - x0).clamp(min=torch.finfo(torch.float32).tiny)).clamp(0.0, 1.0)
+    return torch.lerp(fp[i - 1], fp[i], w[:, None])
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run tiny CPU work on one intra-op thread (restored afterwards): the fit's tensors are a few
+    kilobytes, so extra threads only add synchronisation, which costs 100x on a busy machine."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class FourierMLP(nn.Module):
@@ -70,9 +98,13 @@ class FourierMLP(nn.Module):
         angles = u[:, None] * freqs  # (K, F)
         return torch.cat([u[:, None], angles.sin(), angles.cos()], dim=1)
 
+    def head(self, features: Tensor) -> Tensor:
+        """The two layers on precomputed :meth:`features` ``(K, in)`` -> ``(K, out)``."""
+        h = F.silu(F.linear(features, self.w1.float(), self.b1.float()))  # (K, hidden)
+        return F.linear(h, self.w2.float(), self.b2.float())
+
     def forward(self, u: Tensor) -> Tensor:
-        h = F.silu(F.linear(self.features(u.float()), self.w1.float(), self.b1.float()))  # (K, hidden)
-        return F.linear(h, self.w2.float(), self.b2.float())  # (K, out)
+        return self.head(self.features(u.float()))
 
     @torch.no_grad()
     def reset(self, out_bias: Tensor, seed: int = 0) -> None:
@@ -107,6 +139,8 @@ class TDQActivationQuantizer(TimestepActivationQuantizer):
             :meth:`make_learnable` is called.
         fit_steps: Adam steps of the post-calibration fit (0: keep the static initialisation).
         fit_lr: initial Adam learning rate of that fit.
+        fit_grid: grid points in ``[-1, 1]`` where the fit also matches the linear interpolation of
+            the calibrated ranges (log-SNR spacing is uneven: ``t = 0`` lies far from the rest).
         fit_loss: final fitting loss (mean squared extent error relative to each condition's span),
             or None before fitting.
     """
@@ -116,6 +150,7 @@ class TDQActivationQuantizer(TimestepActivationQuantizer):
     num_frequencies_default: ClassVar[int] = 4
     fit_steps: int = 400
     fit_lr: float = 0.02
+    fit_grid: int = 64
 
     def __init__(
         self,
@@ -185,28 +220,38 @@ class TDQActivationQuantizer(TimestepActivationQuantizer):
             self._fit(conditions, targets / unit)
 
     def _fit(self, conditions: Tensor, targets: Tensor) -> None:
-        """Full-batch Adam on the extents (in units of ``range_unit``), relative to each span."""
-        u = self.normalized(conditions)  # (K,)
-        span = targets.sum(dim=1, keepdim=True)  # (K, 1)
+        """Full-batch Adam on the extents (in units of ``range_unit``), relative to each span, at the
+        calibrated conditions and on a uniform grid of :attr:`fit_grid` points where the targets are
+        linearly interpolated between the two neighbouring calibrated conditions."""
+        u = self.normalized(conditions)  # (K,) increasing
+        grid = torch.linspace(-1.0, 1.0, self.fit_grid, device=u.device)  # (G,)
+        u = torch.cat([u, grid])  # (K + G,)
+        targets = torch.cat([targets, _interpolate(grid, u[: conditions.numel()], targets)])  # (K + G, out)
+        features = self.mlp.features(u)  # (K + G, in), fixed during the fit
+        span = targets.sum(dim=1, keepdim=True)  # (K + G, 1)
         span = torch.where(span > 0, span, torch.ones_like(span))
+
+        def loss_fn() -> Tensor:
+            return ((F.softplus(self.mlp.head(features)) - targets) / span).pow(2).sum(dim=1).mean()
+
         params = list(self.mlp.parameters())
         trainable = [p.requires_grad for p in params]
-        with torch.enable_grad():
+        with torch.enable_grad(), _one_cpu_thread(features.device):
             for p in params:
                 p.requires_grad_(True)
-            optimizer = torch.optim.Adam(params, lr=self.fit_lr)
+            fused = features.device.type in ("cpu", "cuda")  # one kernel per step instead of a dozen
+            optimizer = torch.optim.Adam(params, lr=self.fit_lr, fused=fused)
             for step in range(self.fit_steps):
                 for group in optimizer.param_groups:
                     group["lr"] = self.fit_lr * 0.5 * (1 + math.cos(math.pi * step / self.fit_steps))
                 optimizer.zero_grad(set_to_none=True)
-                loss = ((F.softplus(self.mlp(u)) - targets) / span).pow(2).sum(dim=1).mean()
-                loss.backward()
+                loss_fn().backward()
                 optimizer.step()
             for p, flag in zip(params, trainable, strict=True):
                 p.requires_grad_(flag)
                 p.grad = None
         with torch.no_grad():
-            self.fit_loss = ((F.softplus(self.mlp(u)) - targets) / span).pow(2).sum(dim=1).mean().item()
+            self.fit_loss = loss_fn().item()
 
     def make_learnable(self) -> TDQActivationQuantizer:
         """Let the MLP train (TDQ's QAT variant: gradients reach it through LSQ's step gradient)."""

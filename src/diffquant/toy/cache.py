@@ -107,13 +107,22 @@ def load_or_train_fp_model(
     """
     unet_config = unet_config or UNetConfig()
     train_config = train_config or TrainConfig()
-    payload = {"unet": unet_config.to_dict(), "train": train_config.to_dict(), "data": _data_key(unet_config.sample_size)}
+    payload = {
+        "unet": unet_config.to_dict(),
+        "train": train_config.to_dict(),
+        "data": _data_key(unet_config.sample_size),
+    }
     path = _entry_dir(cache_dir, "fp_unet", seed, payload)
     if not path.is_dir():
         logger.info("training the FP digits UNet (seed %d); caching it in %s", seed, path)
         start = time.perf_counter()
         result = train_fp_model(None, unet_config, train_config, seed, progress=progress)
-        info = {**payload, "seed": seed, "train_seconds": time.perf_counter() - start, "final_loss": result.losses[-1]}
+        info = {
+            **payload,
+            "seed": seed,
+            "train_seconds": time.perf_counter() - start,
+            "final_loss": result.losses[-1],
+        }
 
         def write(tmp: Path) -> None:
             result.model.save_pretrained(tmp, safe_serialization=True)
@@ -123,7 +132,9 @@ def load_or_train_fp_model(
     try:
         return UNet2DModel.from_pretrained(path).eval()
     except (OSError, ValueError) as err:
-        raise OSError(f"cached FP model at {path} is unreadable ({err}); delete that folder to retrain") from err
+        raise OSError(
+            f"cached FP model at {path} is unreadable ({err}); delete that folder to retrain"
+        ) from err
 
 
 def load_or_train_classifier(
@@ -149,7 +160,11 @@ def load_or_train_classifier(
         train, test = train_test_split(load_digits_dataset(image_size))
         model = train_classifier(train, config, seed, progress=progress)
         info = {**payload, "seed": seed, "test_accuracy": class_accuracy(model, test.images, test.labels)}
-        logger.info("trained the digit classifier (held-out accuracy %.4f); caching it in %s", info["test_accuracy"], path)
+        logger.info(
+            "trained the digit classifier (held-out accuracy %.4f); caching it in %s",
+            info["test_accuracy"],
+            path,
+        )
 
         def write(tmp: Path) -> None:
             save_file(model.state_dict(), tmp / CLASSIFIER_WEIGHTS)
@@ -161,6 +176,8 @@ def load_or_train_classifier(
         model = DigitClassifier(info["classifier"]["width"], info["classifier"]["feature_dim"])
         model.load_state_dict(load_file(path / CLASSIFIER_WEIGHTS))
     except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as err:
-        raise OSError(f"cached classifier at {path} is unreadable ({err}); delete that folder to retrain") from err
+        raise OSError(
+            f"cached classifier at {path} is unreadable ({err}); delete that folder to retrain"
+        ) from err
     model.test_accuracy = float(info["test_accuracy"])
     return model.eval()

@@ -23,10 +23,13 @@ from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm.auto import tqdm
 
+from diffquant.toy.data import NATIVE_SIZE
 from diffquant.toy.model import NULL_CLASS, NUM_CLASS_EMBEDS
 from diffquant.toy.train import training_scheduler
 
-DEFAULT_GUIDANCE = 2.0
+DEFAULT_GUIDANCE = 1.5
+"""Measured on the default FP model, 1,000 DDIM-50 samples: w = 1.0 / 1.5 / 2.0 give class accuracy
+0.970 / 0.998 / 1.000 and FD to real digits 3.3 / 7.5 / 17.5 (noise floor 10.7); 1.5 is the best balance."""
 
 
 def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -80,7 +83,9 @@ def sample_digits(
     """
     labels = torch.as_tensor(labels)
     if labels.ndim != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be a 1-D integer tensor of class ids, got {labels.dtype} {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must be a 1-D integer tensor of class ids, got {labels.dtype} {tuple(labels.shape)}"
+        )
     if labels.numel() and not (int(labels.min()) >= 0 and int(labels.max()) < NUM_CLASS_EMBEDS):
         raise ValueError(f"labels must lie in 0..{NUM_CLASS_EMBEDS - 1}, got {labels.min()}..{labels.max()}")
     if num_steps < 1 or batch_size < 1:
@@ -90,7 +95,7 @@ def sample_digits(
 
     template = scheduler if scheduler is not None else DDIMScheduler.from_config(training_scheduler().config)
     device, dtype = _model_device_dtype(model)
-    size = model.config.sample_size if hasattr(model, "config") else 8
+    size = model.config.sample_size if hasattr(model, "config") else NATIVE_SIZE
     labels = labels.long()
     n = labels.shape[0]
     noise = torch.randn((n, 1, size, size), generator=torch.Generator().manual_seed(seed))  # (N, 1, S, S)
@@ -148,7 +153,12 @@ def make_grid(images: torch.Tensor, nrow: int, pad: int = 1) -> np.ndarray:
 
 
 def save_sample_grid(
-    images: torch.Tensor, labels: torch.Tensor | None, path: str | Path, *, per_class: int = 10, scale: int = 4
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    path: str | Path,
+    *,
+    per_class: int = 10,
+    scale: int = 4,
 ) -> Path:
     """Save a PNG grid atomically: one row per class (up to ``per_class`` samples), or plain order.
 
@@ -173,7 +183,9 @@ def save_sample_grid(
         images = torch.cat(rows)
     nrow = per_class if labels is not None else max(1, int(np.ceil(np.sqrt(images.shape[0]))))
     grid = make_grid(images, nrow)
-    img = Image.fromarray(grid, mode="L").resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    img = Image.fromarray(grid, mode="L").resize(
+        (grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

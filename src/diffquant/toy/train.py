@@ -36,7 +36,7 @@ class TrainConfig:
         beta_schedule: the ``DDPMScheduler`` noise schedule.
     """
 
-    steps: int = 2000
+    steps: int = 1500
     batch_size: int = 128
     lr: float = 2e-3
     warmup_steps: int = 100
@@ -78,8 +78,10 @@ def training_scheduler(config: TrainConfig | None = None) -> DDPMScheduler:
         num_train_timesteps=config.num_train_timesteps,
         beta_schedule=config.beta_schedule,
         prediction_type="epsilon",
-        clip_sample=True,
-        clip_sample_range=1.0,
+        clip_sample=False,  # clipping x̂_0 under guidance distorts high-noise steps (measured: FD 4× worse)
+        # Explicit, so samplers built with ``from_config`` inherit it (diffusers drops defaults): the cosine
+        # schedule has ᾱ_999 ≈ 2e-9, and solvers starting at t=999 ("linspace") divide by √ᾱ ≈ 5e-5.
+        timestep_spacing="leading",
     )
 
 
