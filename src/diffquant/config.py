@@ -27,6 +27,7 @@ CONFIG_VERSION = 1
 WEIGHT_FORMATS = ("int", "nf4")
 GRANULARITIES = ("tensor", "channel", "group")
 RANGE_METHODS = ("minmax", "percentile", "mse")
+SEQUENTIAL_MODES = ("block", "layer", "off")
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -112,8 +113,10 @@ class WeightQuantConfig(_JsonConfig):
             automatically for ill-conditioned layers).
         act_order: GPTQ/Qronos process columns by decreasing Hessian diagonal (group scales are
             then fixed before the column loop, "static groups").
-        sequential: GPTQ/Qronos calibrate block by block on the outputs of the already-quantized
-            earlier blocks (``False``: every layer from float inputs in one pass).
+        sequential: how GPTQ/Qronos see the quantized network: ``"block"`` calibrates block by
+            block (UNet down/mid/up blocks, transformer blocks) on the outputs of the already-quantized
+            earlier blocks; ``"layer"`` does the same layer by layer in execution order (most
+            accurate, one partial replay per layer); ``"off"`` calibrates every layer on float inputs.
         fallback_granularity: what to do with a layer whose input size ``group_size`` does not
             divide: ``None`` (default) raises; ``"channel"`` or ``"tensor"`` quantizes that layer
             at this granularity instead (the layer's stored scales show which one it got).
@@ -134,13 +137,14 @@ class WeightQuantConfig(_JsonConfig):
     double_quant: bool = True
     damping: float = 0.01
     act_order: bool = False
-    sequential: bool = True
+    sequential: str = "block"
     fallback_granularity: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("format", self.format, WEIGHT_FORMATS)
         if self.fallback_granularity is not None:
             _check_choice("fallback_granularity", self.fallback_granularity, ("channel", "tensor"))
+        _check_choice("sequential", self.sequential, SEQUENTIAL_MODES)
         if not isinstance(self.damping, (int, float)) or not 0 < self.damping < 10:
             raise ValueError(
                 f"damping must be a positive fraction of the mean Hessian diagonal, got {self.damping!r}."

@@ -4,9 +4,10 @@ from torch import nn
 
 from diffquant import QuantConfig, WeightQuantConfig, quantize_
 from diffquant.api import quantized_layers
+from diffquant.nn import QuantLinear
 from diffquant.models.tiny import example_inputs, scheduler_for_tests, tiny_unet2d
 from diffquant.ptq.calibration import record_denoiser_calls
-from diffquant.ptq.sequential import block_groups
+from diffquant.ptq.sequential import calibration_groups
 
 
 def _unet_and_data(seed=0):
@@ -22,7 +23,7 @@ def _output_error(model, reference, inputs):
     return ((out - reference).pow(2).mean() / reference.pow(2).mean()).item()
 
 
-@pytest.mark.parametrize("sequential", [True, False])
+@pytest.mark.parametrize("sequential", ["block", "layer", "off"])
 def test_gptq_and_qronos_beat_rtn_on_held_out_inputs(sequential):
     errors = {}
     for method in ("rtn", "gptq", "qronos"):
@@ -62,7 +63,8 @@ def test_sequential_statistics_come_from_the_quantized_earlier_block():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8))
     x = torch.randn(64, 16)
-    assert block_groups(model, ["0", "2"]) == [("0", ["0"]), ("2", ["2"])]
+    layers = {"0": model[0], "2": model[2]}
+    assert calibration_groups(model, layers, []) == [("0", ["0"]), ("2", ["2"])]
     seen = {}
     import diffquant.ptq.methods as methods
 
@@ -100,3 +102,21 @@ def test_recorded_calls_keep_uniform_steps_and_spread_rows():
     calls = record_denoiser_calls(model, sampler, CalibrationConfig(num_steps=4, samples_per_step=4))
     assert [float(c.kwargs["timestep"][0]) for c in calls] == [0.0, 300.0, 600.0, 900.0]
     assert all(c.kwargs["sample"].shape[0] == 4 for c in calls)
+
+
+def test_layer_groups_follow_execution_order_not_registration_order():
+    class Swapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.late = nn.Linear(4, 4)  # registered first, runs second
+            self.early = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.late(self.early(x))
+
+    model = Swapped()
+    calls = record_denoiser_calls(model, lambda m: m(torch.randn(2, 4)))
+    for name in ("late", "early"):
+        model.set_submodule(name, QuantLinear.from_float(model.get_submodule(name), WeightQuantConfig()))
+    layers = {"late": model.late, "early": model.early}
+    assert calibration_groups(model, layers, calls, "layer") == [("early", ["early"]), ("late", ["late"])]

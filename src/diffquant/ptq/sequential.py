@@ -1,17 +1,19 @@
 """Sequential block calibration: input statistics of each block's layers on the quantized path.
 
-The denoiser is processed block by block (UNet down/mid/up blocks, DiT transformer blocks — the
-architecture's ``block_prefixes``; layers outside every block form a last group). For each block,
-every recorded calibration call is replayed twice up to the end of that block (the forward stops
-there):
+The denoiser is processed group by group: block by block (UNet down/mid/up blocks, DiT transformer
+blocks — the architecture's ``block_prefixes``; layers outside every block form a last group) or layer
+by layer in execution order. For each group, every recorded calibration call is replayed up to the end
+of the group (the forward stops there) — on the CPU-held calibration inputs rather than on cached
+block inputs, because UNet blocks also consume skip connections and embeddings computed elsewhere in
+the model's forward:
 
 - the **float path** (float weights, unquantized inputs) gives each layer's float input ``X``;
 - the **quantized path** (earlier blocks already quantized, inputs quantized) gives ``X̃``, the
   input the deployed layer will really see.
 
 They accumulate ``H = E[X̃ X̃ᵀ]`` and ``G = E[X X̃ᵀ]`` (:class:`~diffquant.ptq.hessian.InputStatistics`),
-a solver (GPTQ, Qronos) turns them into weights, and the next block sees the outputs of this one,
-quantized. Only one block's statistics exist at a time; calibration inputs stay on the CPU.
+a solver (GPTQ, Qronos) turns them into weights, and the next group sees the outputs of this one,
+quantized. Only one group's statistics exist at a time; calibration inputs stay on the CPU.
 """
 
 from __future__ import annotations
@@ -36,16 +38,40 @@ class _StopForward(Exception):
     """Raised after the block being calibrated: the rest of the forward is not needed."""
 
 
-def block_groups(
-    model: nn.Module, names: list[str], sequential: bool = True
-) -> list[tuple[str | None, list[str]]]:
-    """Group layer names by the architecture's calibration blocks, in execution order.
+def execution_order(model: nn.Module, layers: dict[str, nn.Module], call: DenoiserCall) -> list[str]:
+    """Names of ``layers`` in the order one replayed ``call`` first runs them (unreached ones last)."""
+    order: list[str] = []
 
-    Layers outside every block form a final group (``None``). With ``sequential=False`` all layers
-    form one group.
+    def seen(name: str) -> None:
+        if name not in order:
+            order.append(name)
+
+    handles = [
+        layer.register_forward_pre_hook(lambda *_, name=name: seen(name)) for name, layer in layers.items()
+    ]
+    try:
+        with torch.no_grad(), layer_paths(layers.values(), float_weight=True, quantize_inputs=False):
+            replay(model, [call])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order + [name for name in layers if name not in order]
+
+
+def calibration_groups(
+    model: nn.Module, layers: dict[str, nn.Module], calls: list[DenoiserCall], mode: str = "block"
+) -> list[tuple[str | None, list[str]]]:
+    """``(stop_module_name, layer_names)`` groups calibrated one after another.
+
+    ``"block"``: the architecture's blocks in execution order (layers outside every block form a
+    last group, ``None``: the whole forward runs); ``"layer"``: one group per layer in execution
+    order; ``"off"``: one group of all layers.
     """
-    if not sequential:
-        return [(None, list(names))]
+    names = list(layers)
+    if mode == "off":
+        return [(None, names)]
+    if mode == "layer":
+        return [(name, [name]) for name in execution_order(model, layers, calls[0])]
     groups, placed = [], set()
     for block in get_arch_spec(model).block_prefixes(model):
         members = [n for n in names if n not in placed and (n == block or n.startswith(block + "."))]
@@ -98,7 +124,7 @@ def calibrate_sequentially(
     calls: list[DenoiserCall],
     solve: Solver,
     *,
-    sequential: bool = True,
+    sequential: str = "block",
     need_float_inputs: bool = False,
     progress: bool = False,
 ) -> None:
@@ -110,7 +136,8 @@ def calibrate_sequentially(
         layers: the quantized layers to calibrate, by name.
         calls: recorded denoiser calls to replay.
         solve: sets each layer's packed weight from its statistics.
-        sequential: block by block on the quantized path; ``False``: one pass on the float path.
+        sequential: ``"block"`` / ``"layer"`` groups on the quantized path, ``"off"``: one pass on
+            the float path (see :func:`calibration_groups`).
         need_float_inputs: also accumulate ``G = E[X X̃ᵀ]`` (Qronos).
         progress: show a progress bar over groups.
 
@@ -118,17 +145,17 @@ def calibrate_sequentially(
         ValueError: if a layer saw no calibration data.
     """
     done: list[nn.Module] = []
-    groups = block_groups(model, list(layers), sequential)
+    groups = calibration_groups(model, layers, calls, sequential)
     for block, names in tqdm(groups, desc="calibrate blocks", disable=not progress, leave=False):
         group = {name: layers[name] for name in names}
         stop = model.get_submodule(block) if block is not None else None
         stats = {name: InputStatistics() for name in names}
         for call in calls:
             x_float = None
-            if need_float_inputs or not sequential:
+            if need_float_inputs or sequential == "off":
                 with layer_paths(layers.values(), float_weight=True, quantize_inputs=False):
                     x_float = _capture(model, group, call, stop)
-            if sequential:
+            if sequential != "off":
                 with (
                     layer_paths(layers.values(), float_weight=True, quantize_inputs=True),
                     layer_paths(done, float_weight=False, quantize_inputs=True),
