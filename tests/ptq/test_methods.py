@@ -117,6 +117,8 @@ def test_layer_groups_follow_execution_order_not_registration_order():
     model = Swapped()
     calls = record_denoiser_calls(model, lambda m: m(torch.randn(2, 4)))
     for name in ("late", "early"):
-        model.set_submodule(name, QuantLinear.from_float(model.get_submodule(name), WeightQuantConfig()))
+        layer = QuantLinear.from_float(model.get_submodule(name), WeightQuantConfig())
+        layer.float_weight = model.get_submodule(name).weight.detach()
+        model.set_submodule(name, layer)
     layers = {"late": model.late, "early": model.early}
     assert calibration_groups(model, layers, calls, "layer") == [("early", ["early"]), ("late", ["late"])]
