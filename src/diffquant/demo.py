@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from diffquant.api import quantize_, weight_bits_per_parameter
 from diffquant.demo_rows import DEMO_ROWS, DemoRow
-from diffquant.eval.frechet import frechet_distance, noise_floor_fd
+from diffquant.eval.frechet import classifier_features, frechet_distance, noise_floor_fd
 from diffquant.eval.metrics import class_accuracy, psnr
-from diffquant.eval.perf import measure_step_latency, model_size_bytes
+from diffquant.eval.perf import measure_paired_latency, model_size_bytes
 from diffquant.io import atomic_write_text
 from diffquant.report import write_report
 from diffquant.toy.cache import fp_scheduler, load_or_train_classifier, load_or_train_fp_model
@@ -88,44 +88,81 @@ def _latency_inputs(model: nn.Module, batch: int) -> dict[str, torch.Tensor]:
     }
 
 
-def evaluate_row(
-    row: DemoRow,
-    fp_model: nn.Module,
-    classifier: nn.Module,
-    real_features: torch.Tensor,
-    fp_samples: torch.Tensor | None,
-    settings: DemoSettings,
-    out_dir: Path,
-) -> tuple[dict[str, Any], torch.Tensor]:
-    """Quantize a copy of the float model as ``row`` says, sample it and score it."""
-    model = copy.deepcopy(fp_model)
+def make_sampler(name: str):
+    """A fresh diffusers scheduler of kind ``name`` (see :data:`~diffquant.demo_rows.SAMPLERS`)
+    built from the float model's training schedule."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    cls = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}[name]
+    return cls.from_config(fp_scheduler().config)
+
+
+@dataclass
+class _RowContext:
+    """What every row is scored against."""
+
+    fp_model: nn.Module
+    classifier: nn.Module
+    real_features: torch.Tensor
+    settings: DemoSettings
+    out_dir: Path
+    models: dict[str, nn.Module]  # quantized models by row name (for transfer rows)
+    fp_samples: dict[str, torch.Tensor]  # float samples by sampler label
+    fp_fd: dict[str, float]  # float FD by sampler label
+
+
+def _quantized_model(row: DemoRow, ctx: _RowContext) -> tuple[nn.Module, float]:
+    if row.transfer_of is not None:
+        return ctx.models[row.transfer_of], 0.0
+    model = copy.deepcopy(ctx.fp_model)
     start = time.perf_counter()
     if row.config is not None:
-        calibrate = calibration_fn(settings) if row.calibrated else None
-        quantize_(model, row.config, calibrate=calibrate, schedule=fp_scheduler())
-    quantize_seconds = time.perf_counter() - start
-    labels = _balanced_labels(settings.num_samples)
-    samples = sample_digits(model, labels, num_steps=settings.num_steps, seed=settings.seed, progress=False)
-    save_sample_grid(samples[:100], labels[:100], out_dir / f"grid_{row.name}.png")
-    with torch.inference_mode():
-        features = classifier.features(samples)
-    result = {
+        quantize_(model, row.config, calibrate=calibration_fn(ctx.settings), schedule=fp_scheduler())
+    return model, time.perf_counter() - start
+
+
+def evaluate_row(row: DemoRow, source: DemoRow, ctx: _RowContext) -> dict[str, Any]:
+    """Quantize a copy of the float model as ``source`` says (or re-use the transferred model),
+    sample it with ``row``'s sampler from the float model's seeds and score it."""
+    model, quantize_seconds = _quantized_model(row, ctx)
+    ctx.models[row.name] = model
+    steps = row.num_steps or ctx.settings.num_steps
+    sampler = f"{row.sampler}-{steps}"
+    labels = _balanced_labels(ctx.settings.num_samples)
+    samples = sample_digits(
+        model,
+        labels,
+        scheduler=make_sampler(row.sampler),
+        num_steps=steps,
+        seed=ctx.settings.seed,
+        progress=False,
+    )
+    save_sample_grid(samples[:100], labels[:100], ctx.out_dir / f"grid_{row.name}.png")
+    fd = frechet_distance(classifier_features(ctx.classifier, samples), ctx.real_features)
+    fp_samples = ctx.fp_samples.setdefault(sampler, samples)
+    fp_fd = ctx.fp_fd.setdefault(sampler, fd)
+    inputs = _latency_inputs(model, ctx.settings.latency_batch)
+    latency_ms, fp_latency_ms = measure_paired_latency(model, ctx.fp_model, inputs)
+    return {
         "name": row.name,
-        "weights": row.weights_label,
-        "activations": row.activations_label,
+        "weights": source.weights_label,
+        "activations": source.activations_label,
         "method": row.method,
-        "fd": frechet_distance(features, real_features),
-        "class_accuracy": class_accuracy(classifier, samples, labels),
+        "sampler": sampler,
+        "fd": fd,
+        "fd_ratio": fd / fp_fd,  # to the float model under the same sampler
+        "class_accuracy": class_accuracy(ctx.classifier, samples, labels),
         "psnr_vs_fp": psnr(samples, fp_samples)
-        if fp_samples is not None
+        if fp_samples is not samples
         else None,  # FP vs itself: undefined
         "bits_per_weight": weight_bits_per_parameter(model),
         "size_bytes": model_size_bytes(model),
-        "step_latency_ms": measure_step_latency(model, _latency_inputs(model, settings.latency_batch)),
-        "quantize_seconds": quantize_seconds,
+        "step_latency_ms": latency_ms,
+        "latency_vs_fp": latency_ms / fp_latency_ms,
+        "calibration_seconds": quantize_seconds,
+        "transfer_of": row.transfer_of,
         "grid": f"grid_{row.name}.png",
     }
-    return result, samples
 
 
 def run_demo(
@@ -140,23 +177,22 @@ def run_demo(
     """Run the digits benchmark and write ``results.json``, ``report.md`` and pictures to ``out_dir``.
 
     Raises:
-        ValueError: if ``out_dir`` is an existing file, or ``rows`` does not start with the float row.
+        ValueError: if ``out_dir`` is an existing file, the first row is not the float model, a
+            transfer row names no earlier row, or a sampler has no float row to compare with.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is an existing file; give a directory (it is created if missing).")
-    if not rows or rows[0].config is not None:
-        raise ValueError(
-            "the first demo row must be the float model (config=None): FD ratios are relative to it."
-        )
+    _check_rows(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = DemoSettings.for_mode(quick, seed)
     started = time.perf_counter()
     fp_model = load_or_train_fp_model(cache_dir, seed=seed, progress=progress).eval()
     classifier = load_or_train_classifier(cache_dir, seed=seed).eval()
     data = load_digits_dataset(fp_model.config.sample_size)
-    with torch.inference_mode():
-        real_features = classifier.features(data.images)
+    ctx = _RowContext(
+        fp_model, classifier, classifier_features(classifier, data.images), settings, out_dir, {}, {}, {}
+    )
     results: dict[str, Any] = {
         "benchmark": "digits",
         "quick": quick,
@@ -170,16 +206,28 @@ def run_demo(
         "threads": torch.get_num_threads(),
         "rows": [],
     }
-    fp_samples = None
+    by_name = {row.name: row for row in rows}
     for row in tqdm(rows, desc="demo rows", disable=not progress):
-        result, samples = evaluate_row(
-            row, fp_model, classifier, real_features, fp_samples, settings, out_dir
-        )
-        if fp_samples is None:
-            fp_samples = samples
-        result["fd_ratio"] = result["fd"] / results["rows"][0]["fd"] if results["rows"] else 1.0
-        results["rows"].append(result)
+        source = by_name[row.transfer_of] if row.transfer_of else row
+        results["rows"].append(evaluate_row(row, source, ctx))
     results["total_seconds"] = time.perf_counter() - started
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2))
     write_report(results, out_dir)
     return results
+
+
+def _check_rows(rows: tuple[DemoRow, ...]) -> None:
+    if not rows or rows[0].config is not None or rows[0].transfer_of is not None:
+        raise ValueError(
+            "the first demo row must be the float model (config=None): FD ratios are relative to it."
+        )
+    seen, fp_samplers = set(), set()
+    for row in rows:
+        if row.transfer_of is not None and row.transfer_of not in seen:
+            raise ValueError(f"row {row.name} transfers {row.transfer_of!r}, which is not an earlier row.")
+        key = (row.sampler, row.num_steps)
+        if row.config is None and row.transfer_of is None:
+            fp_samplers.add(key)
+        elif key not in fp_samplers:
+            raise ValueError(f"row {row.name} uses sampler {key}, but no earlier float row does: add one.")
+        seen.add(row.name)

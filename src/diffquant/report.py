@@ -11,6 +11,7 @@ COLUMNS = (
     ("name", "row", "{}"),
     ("weights", "W", "{}"),
     ("activations", "A", "{}"),
+    ("sampler", "sampler", "{}"),
     ("fd", "FD ↓", "{:.2f}"),
     ("fd_ratio", "FD / FP", "{:.3f}"),
     ("class_accuracy", "class acc ↑", "{:.3f}"),
@@ -18,6 +19,8 @@ COLUMNS = (
     ("bits_per_weight", "bits/weight", "{:.2f}"),
     ("size_bytes", "size (KiB)", "{}"),
     ("step_latency_ms", "step latency (ms)", "{:.1f}"),
+    ("latency_vs_fp", "latency / FP", "{:.2f}"),
+    ("calibration_seconds", "quantize time (s)", "{:.1f}"),
 )
 
 
@@ -48,7 +51,7 @@ def plot_fd_vs_bits(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for row in results["rows"]:
+    for row in (r for r in results["rows"] if r.get("sampler", results["sampler"]) == results["sampler"]):
         ax.scatter(row["bits_per_weight"], row["fd"], s=30)
         ax.annotate(
             row["name"],
@@ -88,8 +91,11 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
 sampler {results["sampler"]} with classifier-free guidance, images {results["image_size"]}×{results["image_size"]}.
 FD is the Fréchet distance between digit-classifier features of the samples and of the real digits;
 its noise floor (FD between two random halves of the real data) is **{results["noise_floor_fd"]:.2f}**.
-Step latency: one denoiser call on {results["latency_batch"]} images (CFG batch), CPU, {results["threads"]} threads,
-median of repeated runs. Total time {results["total_seconds"]:.0f} s.
+FD / FP compares with the float model under the same sampler. Rows ending in `-dpm20` re-use the
+model of the row they name, calibrated on DDIM-50 trajectories, without recalibration (sampler transfer).
+Step latency: one denoiser call on {results["latency_batch"]} images (CFG batch), CPU, {results["threads"]} threads;
+"latency / FP" is measured alternately with the float model in the same run, the number to trust on a
+noisy machine. Quantize time includes calibration. Total time {results["total_seconds"]:.0f} s.
 
 {markdown_table(results)}
 

@@ -58,6 +58,22 @@ def measure_step_latency(
     return statistics.median(times) * 1e3
 
 
+def measure_paired_latency(
+    model: nn.Module, reference: nn.Module, inputs: dict | tuple, *, rounds: int = 5, repeats: int = 3
+) -> tuple[float, float]:
+    """Median latency (ms) of ``model`` and of ``reference``, measured alternately in ``rounds`` so that
+    machine noise hits both alike; their ratio is the trustworthy number on a shared machine.
+
+    Returns:
+        ``(model_ms, reference_ms)``.
+    """
+    ours, theirs = [], []
+    for _ in range(rounds):
+        ours.append(measure_step_latency(model, inputs, warmup=1, repeats=repeats))
+        theirs.append(measure_step_latency(reference, inputs, warmup=1, repeats=repeats))
+    return statistics.median(ours), statistics.median(theirs)
+
+
 def model_size_bytes(model: nn.Module) -> int:
     """Bytes of every tensor in ``model.state_dict()`` (parameters and buffers, packed weights as stored)."""
     return sum(t.nbytes for t in model.state_dict().values() if isinstance(t, torch.Tensor))
