@@ -1,8 +1,7 @@
 """Quantized ``Linear`` and ``Conv2d``: a packed weight, the float bias, an optional input quantizer.
 
 The forward pass is the readable reference path: fake-quantize the input, dequantize the packed
-weight to the input's dtype, call the float op. Faster integer kernels live in
-:mod:`diffquant.kernels` and must agree with this path.
+weight to the input's dtype, call the float op. Integer kernels (planned) must agree with this path.
 """
 
 from __future__ import annotations

@@ -70,7 +70,9 @@ def sample_digits(
         num_steps: denoising steps.
         guidance_scale: classifier-free guidance weight ``w``; ``1.0`` runs the conditional model only
             (half the compute), other values run conditional and unconditional in one batch.
-        seed: seeds the initial noise (per sample index) and any stochastic sampler steps.
+        seed: seeds the initial noise, per sample index (batch-size independent). Stochastic samplers
+            (η > 0, SDE solvers) also draw per-step noise from a generator seeded with ``seed + first
+            index of the batch``, so only deterministic samplers are batch-size independent.
         batch_size: samples per model call (the call batch is ``2 × batch_size`` under guidance).
         progress: show a tqdm bar over batches × steps.
 
