@@ -48,7 +48,9 @@ def _trajectory_calls(model: nn.Module, n: int, seed: int, keep: int):
 def _layer_inputs(model: nn.Module, names: list[str], calls) -> dict[str, list[torch.Tensor]]:
     inputs = {name: [] for name in names}
     handles = [
-        model.get_submodule(name).register_forward_pre_hook(lambda _m, args, name=name: inputs[name].append(args[0]))
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda _m, args, name=name: inputs[name].append(args[0])
+        )
         for name in names
     ]
     with torch.no_grad():
@@ -89,6 +91,9 @@ def main() -> None:
     parser.add_argument("--out", default="out/bench", help="output directory")
     parser.add_argument("--quick", action="store_true", help="fewer calibration samples")
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument(
+        "--sequential", default="layer", choices=["layer", "block", "off"], help="GPTQ/Qronos mode"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,20 +102,33 @@ def main() -> None:
     n, keep = (32, 8) if args.quick else (64, 16)
     calib = _trajectory_calls(fp_model, n, seed=1, keep=keep)
     held_out = _trajectory_calls(fp_model, n, seed=2, keep=keep)
-    results = {"benchmark": "ptq_layer_error", "quick": args.quick, "calibration_calls": len(calib), "bits": {}}
+    results = {
+        "benchmark": "ptq_layer_error",
+        "quick": args.quick,
+        "sequential": args.sequential,
+        "calibration_calls": len(calib),
+        "bits": {},
+    }
     for bits in (4, 3):
         per_method, seconds = {}, {}
         for method in METHODS:
             model = copy.deepcopy(fp_model)
-            weights = WeightQuantConfig(bits=bits, symmetric=False, method=method)
+            weights = WeightQuantConfig(bits=bits, symmetric=False, method=method, sequential=args.sequential)
             start = time.perf_counter()
-            quantize_(model, QuantConfig(weights=weights), calibrate=lambda m: replay(m, calib), schedule=fp_scheduler())
+            quantize_(
+                model,
+                QuantConfig(weights=weights),
+                calibrate=lambda m: replay(m, calib),
+                schedule=fp_scheduler(),
+            )
             seconds[method] = time.perf_counter() - start
             per_method[method] = layer_errors(fp_model, model, held_out)
             print(f"W{bits} {method}: median error {statistics.median(per_method[method].values()):.4f}")
         layers = list(per_method["rtn"])
         ratio = {
-            "qronos_over_gptq": statistics.median(per_method["qronos"][n] / per_method["gptq"][n] for n in layers),
+            "qronos_over_gptq": statistics.median(
+                per_method["qronos"][n] / per_method["gptq"][n] for n in layers
+            ),
             "gptq_over_rtn": statistics.median(per_method["gptq"][n] / per_method["rtn"][n] for n in layers),
         }
         results["bits"][f"w{bits}"] = {
@@ -119,7 +137,9 @@ def main() -> None:
             "calibration_seconds": seconds,
             "layers": {n: {m: per_method[m][n] for m in METHODS} for n in layers},
         }
-        print(f"W{bits}: median Qronos/GPTQ {ratio['qronos_over_gptq']:.3f}, GPTQ/RTN {ratio['gptq_over_rtn']:.3f}")
+        print(
+            f"W{bits}: median Qronos/GPTQ {ratio['qronos_over_gptq']:.3f}, GPTQ/RTN {ratio['gptq_over_rtn']:.3f}"
+        )
     atomic_write_text(out / "ptq_layer_error.json", json.dumps(results, indent=2))
     print(f"wrote {out / 'ptq_layer_error.json'}")
 

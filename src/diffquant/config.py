@@ -240,6 +240,9 @@ class CalibrationConfig(_JsonConfig):
         num_steps: calls kept, spread uniformly over the recorded trajectory (``None`` keeps all).
         samples_per_step: batch rows kept per call, spread evenly over the batch so both halves of
             a classifier-free-guidance batch are represented (``None`` keeps all).
+        merge_batch: consecutive kept calls are concatenated along the batch into replays of at most
+            this many samples when their other arguments agree (fewer, larger forwards; timesteps
+            are per sample, so one replay may mix noise levels). ``None`` never merges.
 
     Raises:
         ValueError: on a count below 1.
@@ -247,9 +250,10 @@ class CalibrationConfig(_JsonConfig):
 
     num_steps: int | None = None
     samples_per_step: int | None = None
+    merge_batch: int | None = 512
 
     def __post_init__(self) -> None:
-        for name in ("num_steps", "samples_per_step"):
+        for name in ("num_steps", "samples_per_step", "merge_batch"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(

@@ -4,10 +4,10 @@ from torch import nn
 
 from diffquant import QuantConfig, WeightQuantConfig, quantize_
 from diffquant.api import quantized_layers
-from diffquant.nn import QuantLinear
 from diffquant.models.tiny import example_inputs, scheduler_for_tests, tiny_unet2d
+from diffquant.nn import QuantLinear
 from diffquant.ptq.calibration import record_denoiser_calls
-from diffquant.ptq.sequential import calibration_groups
+from diffquant.ptq.sequential import calibration_groups, execution_order
 
 
 def _unet_and_data(seed=0):
@@ -64,7 +64,7 @@ def test_sequential_statistics_come_from_the_quantized_earlier_block():
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8))
     x = torch.randn(64, 16)
     layers = {"0": model[0], "2": model[2]}
-    assert calibration_groups(model, layers, []) == [("0", ["0"]), ("2", ["2"])]
+    assert calibration_groups(model, layers) == [("0", ["0"]), ("2", ["2"])]
     seen = {}
     import diffquant.ptq.methods as methods
 
@@ -99,7 +99,9 @@ def test_recorded_calls_keep_uniform_steps_and_spread_rows():
             inputs["timestep"] = torch.full((8,), float(t))
             m(**inputs)
 
-    calls = record_denoiser_calls(model, sampler, CalibrationConfig(num_steps=4, samples_per_step=4))
+    calls = record_denoiser_calls(
+        model, sampler, CalibrationConfig(num_steps=4, samples_per_step=4, merge_batch=None)
+    )
     assert [float(c.kwargs["timestep"][0]) for c in calls] == [0.0, 300.0, 600.0, 900.0]
     assert all(c.kwargs["sample"].shape[0] == 4 for c in calls)
 
@@ -121,4 +123,20 @@ def test_layer_groups_follow_execution_order_not_registration_order():
         layer.float_weight = model.get_submodule(name).weight.detach()
         model.set_submodule(name, layer)
     layers = {"late": model.late, "early": model.early}
-    assert calibration_groups(model, layers, calls, "layer") == [("early", ["early"]), ("late", ["late"])]
+    assert execution_order(model, layers, calls[0]) == ["early", "late"]
+
+
+def test_merged_calls_concatenate_batched_arguments_only():
+    from diffquant.ptq.calibration import DenoiserCall, merge_calls
+
+    def call(t, n=4, flag=1.0):
+        return DenoiserCall(
+            (torch.randn(n, 2),), {"timestep": torch.full((n,), t), "scale": torch.tensor(flag)}
+        )
+
+    calls = [call(900.0), call(500.0), call(100.0, flag=2.0), call(50.0, flag=2.0), call(10.0, n=3, flag=2.0)]
+    merged = merge_calls(calls, max_batch=8)
+    assert [c.args[0].shape[0] for c in merged] == [8, 8, 3]  # a differing scalar starts a new call
+    assert merged[0].kwargs["timestep"].tolist() == [900.0] * 4 + [500.0] * 4
+    assert torch.equal(merged[1].args[0], torch.cat([calls[2].args[0], calls[3].args[0]]))
+    assert merged[1].kwargs["scale"] == 2.0

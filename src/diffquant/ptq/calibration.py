@@ -36,13 +36,14 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
     return None
 
 
-def _map(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """Apply ``fn`` to every tensor inside nested tuples / lists / dicts."""
     if isinstance(value, Tensor):
         return fn(value)
     if isinstance(value, (tuple, list)):
-        return type(value)(_map(v, fn) for v in value)
+        return type(value)(map_tensors(v, fn) for v in value)
     if isinstance(value, dict):
-        return {k: _map(v, fn) for k, v in value.items()}
+        return {k: map_tensors(v, fn) for k, v in value.items()}
     return value
 
 
@@ -55,7 +56,56 @@ def _select_rows(call: DenoiserCall, keep: int | None) -> DenoiserCall:
     def pick(t: Tensor) -> Tensor:
         return t[rows] if t.ndim > 0 and t.shape[0] == batch else t
 
-    return DenoiserCall(_map(call.args, pick), _map(call.kwargs, pick))
+    return DenoiserCall(map_tensors(call.args, pick), map_tensors(call.kwargs, pick))
+
+
+def _mergeable(a: Any, b: Any, batch_a: int, batch_b: int) -> bool:
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        batched = a.ndim > 0 and a.shape[0] == batch_a and b.ndim > 0 and b.shape[0] == batch_b
+        return (batched and a.shape[1:] == b.shape[1:]) or (a.shape == b.shape and torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_mergeable(x, y, batch_a, batch_b) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_mergeable(a[k], b[k], batch_a, batch_b) for k in a)
+    return type(a) is type(b) and a == b
+
+
+def _concat(values: list[Any], batches: list[int]) -> Any:
+    first = values[0]
+    if isinstance(first, Tensor):
+        if first.ndim > 0 and first.shape[0] == batches[0]:
+            return torch.cat(values)
+        return first
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concat([v[i] for v in values], batches) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _concat([v[k] for v in values], batches) for k in first}
+    return first
+
+
+def merge_calls(calls: list[DenoiserCall], max_batch: int) -> list[DenoiserCall]:
+    """Concatenate consecutive calls along the batch (up to ``max_batch`` samples per call) where
+    every argument is either batched or identical across them; other calls are kept as they are."""
+    merged: list[list[DenoiserCall]] = []
+    for call in calls:
+        batch = _batch_size(call.args, call.kwargs)
+        group = merged[-1] if merged else None
+        if group is not None and batch is not None:
+            head_batch = _batch_size(group[0].args, group[0].kwargs)
+            total = sum(_batch_size(c.args, c.kwargs) for c in group)
+            if total + batch <= max_batch and _mergeable(
+                (group[0].args, group[0].kwargs), (call.args, call.kwargs), head_batch, batch
+            ):
+                group.append(call)
+                continue
+        merged.append([call])
+    out = []
+    for group in merged:
+        batches = [_batch_size(c.args, c.kwargs) for c in group]
+        args = _concat([c.args for c in group], batches)
+        kwargs = _concat([c.kwargs for c in group], batches)
+        out.append(DenoiserCall(args, kwargs))
+    return out
 
 
 @torch.no_grad()
@@ -72,7 +122,9 @@ def record_denoiser_calls(
 
     def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         calls.append(
-            DenoiserCall(_map(args, lambda t: t.detach().cpu()), _map(kwargs, lambda t: t.detach().cpu()))
+            DenoiserCall(
+                map_tensors(args, lambda t: t.detach().cpu()), map_tensors(kwargs, lambda t: t.detach().cpu())
+            )
         )
 
     handle = model.register_forward_pre_hook(record, with_kwargs=True)
@@ -88,7 +140,8 @@ def record_denoiser_calls(
     if config.num_steps is not None and config.num_steps < len(calls):
         index = torch.linspace(0, len(calls) - 1, config.num_steps).round().long().tolist()
         calls = [calls[i] for i in index]
-    return [_select_rows(call, config.samples_per_step) for call in calls]
+    calls = [_select_rows(call, config.samples_per_step) for call in calls]
+    return merge_calls(calls, config.merge_batch) if config.merge_batch else calls
 
 
 def replay(
@@ -97,4 +150,7 @@ def replay(
     """Call ``model`` on every recorded call, on the model's device (outputs are discarded)."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     for call in tqdm(calls, desc=desc, disable=not progress, leave=False):
-        model(*_map(call.args, lambda t: t.to(device)), **_map(call.kwargs, lambda t: t.to(device)))
+        model(
+            *map_tensors(call.args, lambda t: t.to(device)),
+            **map_tensors(call.kwargs, lambda t: t.to(device)),
+        )

@@ -1,32 +1,37 @@
-"""Sequential block calibration: input statistics of each block's layers on the quantized path.
+"""Sequential calibration: each layer's input statistics on the already-quantized network.
 
-The denoiser is processed group by group: block by block (UNet down/mid/up blocks, DiT transformer
-blocks — the architecture's ``block_prefixes``; layers outside every block form a last group) or layer
-by layer in execution order. For each group, every recorded calibration call is replayed up to the end
-of the group (the forward stops there) — on the CPU-held calibration inputs rather than on cached
-block inputs, because UNet blocks also consume skip connections and embeddings computed elsewhere in
-the model's forward:
+The denoiser is processed block by block (UNet down/mid/up blocks, DiT transformer blocks — the
+architecture's ``block_prefixes``). For each block, every recorded calibration call is replayed up to
+the block's entry (the forward stops there) on two paths, and the block's inputs are **cached on the
+CPU** together with the call's noise level:
 
-- the **float path** (float weights, unquantized inputs) gives each layer's float input ``X``;
-- the **quantized path** (earlier blocks already quantized, inputs quantized) gives ``X̃``, the
-  input the deployed layer will really see.
+- the **float path** (float weights, unquantized inputs) gives the float network's block inputs;
+- the **quantized path** (earlier blocks already quantized, inputs quantized) gives the inputs the
+  deployed block will really see.
 
-They accumulate ``H = E[X̃ X̃ᵀ]`` and ``G = E[X X̃ᵀ]`` (:class:`~diffquant.ptq.hessian.InputStatistics`),
-a solver (GPTQ, Qronos) turns them into weights, and the next group sees the outputs of this one,
-quantized. Only one group's statistics exist at a time; calibration inputs stay on the CPU.
+The block alone is then re-run on its cached inputs to collect each layer's ``X`` (float path) and
+``X̃`` (quantized path) and accumulate ``H = E[X̃ X̃ᵀ]`` and ``G = E[X X̃ᵀ]``
+(:class:`~diffquant.ptq.hessian.InputStatistics`); a solver (GPTQ, Qronos) turns them into weights.
+Modes: ``"block"`` solves all of a block's layers from one pass; ``"layer"`` solves them one at a
+time in execution order, each on the outputs of the block's already-quantized earlier layers (the
+block is re-run, not the whole network); ``"off"`` solves every layer from float inputs in one pass.
+Layers outside every block form a last group calibrated from whole-model replays.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from diffquant.models import get_arch_spec
-from diffquant.ptq.calibration import DenoiserCall, replay
+from diffquant.noise import NoiseLevel, current_noise_level, noise_level
+from diffquant.ptq.calibration import DenoiserCall, map_tensors, replay
 from diffquant.ptq.hessian import InputStatistics, unfold_conv_input
 from diffquant.ptq.paths import layer_paths, observe_weight_inputs
 
@@ -59,19 +64,16 @@ def execution_order(model: nn.Module, layers: dict[str, nn.Module], call: Denois
 
 
 def calibration_groups(
-    model: nn.Module, layers: dict[str, nn.Module], calls: list[DenoiserCall], mode: str = "block"
+    model: nn.Module, layers: dict[str, nn.Module], mode: str = "block"
 ) -> list[tuple[str | None, list[str]]]:
     """``(stop_module_name, layer_names)`` groups calibrated one after another.
 
-    ``"block"``: the architecture's blocks in execution order (layers outside every block form a
-    last group, ``None``: the whole forward runs); ``"layer"``: one group per layer in execution
-    order; ``"off"``: one group of all layers.
+    ``"block"`` and ``"layer"``: the architecture's blocks in execution order (layers outside every
+    block form a last group, ``None``: the whole forward runs); ``"off"``: one group of all layers.
     """
     names = list(layers)
     if mode == "off":
         return [(None, names)]
-    if mode == "layer":
-        return [(name, [name]) for name in execution_order(model, layers, calls[0])]
     groups, placed = [], set()
     for block in get_arch_spec(model).block_prefixes(model):
         members = [n for n in names if n not in placed and (n == block or n.startswith(block + "."))]
@@ -86,6 +88,14 @@ def _as_rows(layer: nn.Module, x: Tensor) -> Tensor:
     if getattr(layer, "kind", None) == "conv2d":
         return unfold_conv_input(x, layer)  # (N*L, in*kh*kw)
     return x.reshape(-1, x.shape[-1])  # (N*tokens, in)
+
+
+@dataclass(frozen=True)
+class _CachedInput:
+    """A module's call arguments (on the CPU) and the noise level of the denoiser call they came from."""
+
+    call: DenoiserCall
+    level: NoiseLevel | None
 
 
 @contextmanager
@@ -107,14 +117,43 @@ def _stop_after(module: nn.Module | None) -> Iterator[None]:
 
 
 @torch.no_grad()
-def _capture(model: nn.Module, group: dict[str, nn.Module], call: DenoiserCall, stop: nn.Module | None):
+def _block_inputs(model: nn.Module, block: nn.Module, calls: list[DenoiserCall]) -> list[_CachedInput]:
+    """Replay ``calls`` up to ``block`` and keep its inputs (CPU) with their noise levels."""
+    cached: list[_CachedInput] = []
+
+    def keep(_module, args, kwargs):
+        cpu = partial(map_tensors, fn=lambda t: t.detach().cpu())
+        cached.append(_CachedInput(DenoiserCall(cpu(args), cpu(kwargs)), current_noise_level()))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        for call in calls:
+            with suppress(_StopForward):
+                replay(model, [call])
+    finally:
+        handle.remove()
+    return cached
+
+
+def _run_block(block: nn.Module, inputs: _CachedInput) -> None:
+    level = inputs.level
+    context = noise_level(level.timestep, level.log_snr) if level is not None else nullcontext()
+    with context:
+        replay(block, [inputs.call])
+
+
+@torch.no_grad()
+def _capture(
+    run: Callable[[], None], group: dict[str, nn.Module], stop: nn.Module | None
+) -> dict[str, Tensor]:
     captured: dict[str, list[Tensor]] = {name: [] for name in group}
 
     def keep(name: str, x: Tensor) -> None:
         captured[name].append(_as_rows(group[name], x.detach().float()))
 
     with observe_weight_inputs(group, keep), _stop_after(stop):
-        replay(model, [call])
+        run()
     return {name: torch.cat(rows) for name, rows in captured.items() if rows}
 
 
@@ -136,41 +175,64 @@ def calibrate_sequentially(
         layers: the quantized layers to calibrate, by name.
         calls: recorded denoiser calls to replay.
         solve: sets each layer's packed weight from its statistics.
-        sequential: ``"block"`` / ``"layer"`` groups on the quantized path, ``"off"``: one pass on
-            the float path (see :func:`calibration_groups`).
+        sequential: ``"block"``, ``"layer"`` or ``"off"`` (see the module docstring).
         need_float_inputs: also accumulate ``G = E[X X̃ᵀ]`` (Qronos).
-        progress: show a progress bar over groups.
+        progress: show a progress bar over blocks.
 
     Raises:
         ValueError: if a layer saw no calibration data.
     """
+    everything = list(layers.values())
+    float_path = partial(layer_paths, everything, float_weight=True, quantize_inputs=False)
     done: list[nn.Module] = []
-    groups = calibration_groups(model, layers, calls, sequential)
-    for block, names in tqdm(groups, desc="calibrate blocks", disable=not progress, leave=False):
-        group = {name: layers[name] for name in names}
-        stop = model.get_submodule(block) if block is not None else None
-        stats = {name: InputStatistics() for name in names}
-        for call in calls:
-            x_float = None
-            if need_float_inputs or sequential == "off":
-                with layer_paths(layers.values(), float_weight=True, quantize_inputs=False):
-                    x_float = _capture(model, group, call, stop)
-            if sequential != "off":
-                with (
-                    layer_paths(layers.values(), float_weight=True, quantize_inputs=True),
-                    layer_paths(done, float_weight=False, quantize_inputs=True),
-                ):
-                    x_tilde = _capture(model, group, call, stop)
-            else:
-                x_tilde = x_float
-            for name, rows in x_tilde.items():
-                stats[name].add(rows, x_float[name] if need_float_inputs else None)
-        for name in names:
-            if stats[name].count == 0:
-                raise ValueError(
-                    f"layer {name!r} received no calibration data: the recorded calls never reach it. "
-                    "Check that the calibrate function exercises every branch of the model."
-                )
-            solve(name, group[name], stats[name])
-            del stats[name]
-        done.extend(group.values())
+
+    def quant_path():  # solved layers quantized; the others float weights behind quantized inputs
+        stack = ExitStack()
+        stack.enter_context(layer_paths(everything, float_weight=True, quantize_inputs=True))
+        stack.enter_context(layer_paths(done, float_weight=False, quantize_inputs=True))
+        return stack
+
+    order = execution_order(model, layers, calls[0]) if sequential == "layer" else list(layers)
+    for block_name, names in tqdm(
+        calibration_groups(model, layers, sequential),
+        desc="calibrate",
+        disable=not progress,
+        leave=False,
+    ):
+        block = model.get_submodule(block_name) if block_name is not None else None
+        if block is not None:  # cache the block's inputs once per path; later passes re-run the block only
+            with float_path():
+                float_inputs = _block_inputs(model, block, calls) if need_float_inputs else None
+            with quant_path():
+                quant_inputs = _block_inputs(model, block, calls)
+        steps = [[n] for n in order if n in names] if sequential == "layer" else [names]
+        for step in steps:
+            group = {name: layers[name] for name in step}
+            stop = group[step[-1]] if sequential == "layer" else None
+            stats = {name: InputStatistics() for name in step}
+            for i, call in enumerate(calls):
+                if block is None:
+                    run_quant = partial(replay, model, [call])
+                    run_float = run_quant
+                else:
+                    run_quant = partial(_run_block, block, quant_inputs[i])
+                    run_float = partial(_run_block, block, float_inputs[i]) if need_float_inputs else None
+                x_float = None
+                if need_float_inputs or sequential == "off":
+                    with float_path():
+                        x_float = _capture(run_float, group, stop)
+                if sequential == "off":
+                    x_tilde = x_float
+                else:
+                    with quant_path():
+                        x_tilde = _capture(run_quant, group, stop)
+                for name, rows in x_tilde.items():
+                    stats[name].add(rows, x_float[name] if need_float_inputs else None)
+            for name in step:
+                if stats[name].count == 0:
+                    raise ValueError(
+                        f"layer {name!r} received no calibration data: the recorded calls never reach it. "
+                        "Check that the calibrate function exercises every branch of the model."
+                    )
+                solve(name, group[name], stats.pop(name))
+            done.extend(group.values())
