@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from diffquant.config import ActivationQuantConfig, CalibrationConfig, QuantConfig, WeightQuantConfig
+from diffquant.config import ActivationQuantConfig, QuantConfig, WeightQuantConfig
 
 SAMPLERS = ("ddim", "dpm")
 """``ddim``: DDIM (η = 0); ``dpm``: DPM-Solver++ multistep (2nd order)."""
@@ -46,10 +46,6 @@ class DemoRow:
     def activations_label(self) -> str:
         acts = self.config.activations if self.config is not None else None
         return acts.label if acts is not None else "fp32"
-
-
-# Calibration: the float sampler's trajectories, every other DDIM step (see demo.calibration_fn).
-_CALIBRATION = CalibrationConfig(num_steps=25)
 
 
 def _config(bits: int, method: str, act_bits: int | None, act_mode: str = "static", **weights) -> QuantConfig:
