@@ -13,7 +13,7 @@ import copy
 import json
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffquant.api import quantize_, weight_bits_per_parameter
+from diffquant.config import CalibrationConfig
 from diffquant.demo_rows import DEMO_ROWS, DemoRow
 from diffquant.eval.frechet import classifier_features, frechet_distance, noise_floor_fd
 from diffquant.eval.metrics import class_accuracy, psnr
@@ -42,7 +43,8 @@ class DemoSettings:
         quick: the short run (fewer samples), same rows.
         num_samples: generated samples per row (balanced over the 10 digits).
         num_steps: DDIM steps.
-        calibration_samples: samples whose float trajectories calibrate static activation ranges.
+        calibration_samples: samples whose float DDIM trajectories calibrate the quantized rows.
+        calibration_steps: denoising steps of those trajectories kept for calibration (uniformly spread).
         latency_batch: images per denoising step when timing (the model sees twice as many with CFG).
         seed: seed of the float model, the classifier and the sampling noise.
     """
@@ -51,15 +53,16 @@ class DemoSettings:
     num_samples: int = 1000
     num_steps: int = 50
     calibration_samples: int = 64
+    calibration_steps: int = 25
     latency_batch: int = 64
     seed: int = 0
 
     @classmethod
     def for_mode(cls, quick: bool, seed: int = 0) -> DemoSettings:
         """The default full or quick settings."""
-        return (
-            cls(quick=True, num_samples=300, calibration_samples=32, seed=seed) if quick else cls(seed=seed)
-        )
+        if quick:
+            return cls(quick=True, num_samples=200, calibration_samples=16, calibration_steps=10, seed=seed)
+        return cls(seed=seed)
 
 
 def _balanced_labels(n: int) -> torch.Tensor:
@@ -117,7 +120,8 @@ def _quantized_model(row: DemoRow, ctx: _RowContext) -> tuple[nn.Module, float]:
     model = copy.deepcopy(ctx.fp_model)
     start = time.perf_counter()
     if row.config is not None:
-        quantize_(model, row.config, calibrate=calibration_fn(ctx.settings), schedule=fp_scheduler())
+        config = replace(row.config, calibration=CalibrationConfig(num_steps=ctx.settings.calibration_steps))
+        quantize_(model, config, calibrate=calibration_fn(ctx.settings), schedule=fp_scheduler())
     return model, time.perf_counter() - start
 
 
@@ -201,6 +205,7 @@ def run_demo(
         "noise_floor_fd": noise_floor_fd(classifier, data, seed=seed),
         "image_size": int(fp_model.config.sample_size),
         "latency_batch": 2 * settings.latency_batch,
+        "calibration": {"samples": settings.calibration_samples, "steps": settings.calibration_steps},
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),

@@ -53,7 +53,6 @@ def _config(bits: int, method: str, act_bits: int | None, act_mode: str = "stati
     return QuantConfig(
         weights=WeightQuantConfig(bits=bits, method=method, **weights),
         activations=acts,
-        calibration=_CALIBRATION,
     )
 
 
