@@ -50,9 +50,9 @@ class DemoSettings:
     """
 
     quick: bool = False
-    num_samples: int = 1000
+    num_samples: int = 500
     num_steps: int = 50
-    calibration_samples: int = 64
+    calibration_samples: int = 32
     calibration_steps: int = 25
     latency_batch: int = 64
     seed: int = 0
@@ -146,7 +146,7 @@ def evaluate_row(row: DemoRow, source: DemoRow, ctx: _RowContext) -> dict[str, A
     fp_samples = ctx.fp_samples.setdefault(sampler, samples)
     fp_fd = ctx.fp_fd.setdefault(sampler, fd)
     inputs = _latency_inputs(model, ctx.settings.latency_batch)
-    latency_ms, fp_latency_ms = measure_paired_latency(model, ctx.fp_model, inputs)
+    latency_ms, fp_latency_ms = measure_paired_latency(model, ctx.fp_model, inputs, rounds=3, repeats=2)
     return {
         "name": row.name,
         "weights": source.weights_label,

@@ -80,7 +80,11 @@ def model_size_bytes(model: nn.Module) -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Lifetime peak resident set size of this process in bytes (Linux ``ru_maxrss`` is in KiB)."""
+    """Peak resident set size of this process in bytes (Linux ``ru_maxrss`` is in KiB).
+
+    The peak since process start, or since the last :func:`track_peak_memory` block on CPU: that block
+    resets the kernel's high-water mark, which ``ru_maxrss`` reads.
+    """
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -126,7 +130,8 @@ def track_peak_memory(device: torch.device | str | None = None) -> Iterator[Peak
 
     On CUDA: peak ``torch.cuda.max_memory_allocated`` minus the allocation at entry (tensors only).
     On CPU: peak resident set size minus RSS at entry, from Linux's VmHWM after resetting it
-    (``/proc/self/clear_refs``); where that is not possible, the growth of ``ru_maxrss``.
+    (``/proc/self/clear_refs``; this also resets what :func:`peak_rss_bytes` reports); where that is not
+    possible, the growth of ``ru_maxrss``.
 
     Args:
         device: the device to track; default CUDA if available, else CPU.
