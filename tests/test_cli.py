@@ -35,6 +35,8 @@ def test_quantize_rejects_bad_requests_with_a_message(tmp_path, capsys):
     assert "expected 'none' or INTn-MODE" in capsys.readouterr().err
     assert main([*base, "--activations", "int8-static"]) == 2
     assert "calibration" in capsys.readouterr().err
+    assert main([*base, "--method", "gptq"]) == 2
+    assert "calibration" in capsys.readouterr().err
     assert main(["quantize", str(tmp_path), "--out", str(tmp_path / "q")]) == 2
     assert "no config.json" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()

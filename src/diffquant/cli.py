@@ -12,7 +12,7 @@ from diffquant.config import ActivationQuantConfig, QuantConfig, WeightQuantConf
 
 def _weight_config(args: argparse.Namespace) -> WeightQuantConfig:
     if args.weights == "nf4":
-        return WeightQuantConfig(format="nf4", bits=4, block_size=args.block_size)
+        return WeightQuantConfig(format="nf4", bits=4, block_size=args.block_size, method=args.method)
     bits = int(args.weights.removeprefix("int"))
     granularity = "group" if args.group_size else args.granularity
     return WeightQuantConfig(
@@ -21,6 +21,8 @@ def _weight_config(args: argparse.Namespace) -> WeightQuantConfig:
         group_size=args.group_size,
         symmetric=not args.asymmetric,
         range_method=args.range_method,
+        method=args.method,
+        sequential=args.sequential,
     )
 
 
@@ -79,10 +81,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         calibrate = calibration_fn(DemoSettings())
     else:
         model = _load_diffusers_model(args.model, args.subfolder)
-        if config.activations is not None and config.activations.mode == "static":
+        if (config.activations is not None and config.activations.mode != "dynamic") or args.method != "rtn":
             raise ValueError(
-                "static activation ranges need calibration samples, which the CLI can make only for the "
-                "digits model; use --activations int8-dynamic, or call diffquant.quantize_(..., calibrate=fn)."
+                "calibrated activations and weight methods need calibration samples, which the CLI can make "
+                "only for the digits model; use --activations none|int8-dynamic with --method rtn, or call "
+                "diffquant.quantize_(..., calibrate=fn) from Python."
             )
     quantize_(model.eval(), config, calibrate=calibrate, schedule=schedule, progress=True)
     save_quantized(model, args.out)
@@ -127,7 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--asymmetric", action="store_true", help="asymmetric weight range")
     quant.add_argument("--range-method", default="minmax", choices=["minmax", "percentile", "mse"])
     quant.add_argument("--block-size", type=int, default=64, help="NF4 block size")
-    quant.add_argument("--activations", default="none", help="none, int8-static, int8-dynamic, int4-...")
+    quant.add_argument(
+        "--activations",
+        default="none",
+        help="none or INTn-MODE with MODE static, dynamic, step_table, tdq, logsnr (e.g. int8-static, int4-logsnr)",
+    )
+    quant.add_argument("--method", default="rtn", choices=["rtn", "gptq", "qronos"], help="weight method")
+    quant.add_argument(
+        "--sequential", default="block", choices=["block", "layer", "off"], help="GPTQ/Qronos mode"
+    )
     quant.add_argument("--exclude", nargs="*", default=[], help="regexes of layers to keep in float")
     quant.add_argument("--cache-dir", default=None, help="digits model cache")
     quant.set_defaults(func=cmd_quantize)

@@ -51,7 +51,9 @@ class _QuantLayer(nn.Module):
     def _weight_for(self, x: Tensor) -> Tensor:
         if self.use_float_weight:
             if self.float_weight is None:
-                raise RuntimeError("this layer holds no float weight; the float path exists only while quantizing.")
+                raise RuntimeError(
+                    "this layer holds no float weight; the float path exists only while quantizing."
+                )
             return self.float_weight.to(x.dtype)
         return self.qweight.dequantize(x.dtype)
 
@@ -190,9 +192,7 @@ class QuantConv2d(_QuantLayer):
     def forward(self, x: Tensor) -> Tensor:
         x = self._quantize_input(x)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.conv2d(
-            x, self._weight_for(x), bias, self.stride, self.padding, self.dilation, self.groups
-        )
+        return F.conv2d(x, self._weight_for(x), bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return (
