@@ -40,7 +40,8 @@ def layer_error_block(path: Path) -> str:
         f"(per-channel asymmetric weights, {results['calibration_calls']} merged calibration replays, "
         f"sequential mode `{results['sequential']}`{', quick run' if results['quick'] else ''}):",
         "",
-        "| bits | RTN | GPTQ | Qronos | GPTQ / RTN (median ratio) | Qronos / GPTQ (median ratio) | calibration s (GPTQ, Qronos) |",
+        "| bits | RTN | GPTQ | Qronos | GPTQ / RTN (median ratio) | Qronos / GPTQ (median ratio) "
+        "| calibration s (GPTQ, Qronos) |",
         "|---|---|---|---|---|---|---|",
     ]
     for bits, r in results["bits"].items():
