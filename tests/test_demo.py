@@ -2,6 +2,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from diffquant.demo import _check_rows, run_demo
 from diffquant.demo_rows import DEMO_ROWS, DemoRow
@@ -25,8 +26,17 @@ def test_row_list_is_checked():
     _check_rows(DEMO_ROWS)
 
 
+@pytest.fixture
+def two_threads():
+    """The end-to-end run is the longest test; the other test worker is done with its share early."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.mark.slow
-def test_quick_demo_from_scratch(tmp_path):
+def test_quick_demo_from_scratch(tmp_path, two_threads):
     out = tmp_path / "out"
     results = run_demo(out, quick=True, cache_dir=tmp_path / "cache", progress=False)
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
