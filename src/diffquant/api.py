@@ -210,7 +210,7 @@ def calibrate_activations(model: nn.Module, calibrate: Calibrate) -> None:
         calibrate(model)
     finally:
         for _, quantizer in quantizers:
-            quantizer._observing = False
+            quantizer.stop_observing()
     for _, quantizer in quantizers:
         quantizer.finish_calibration()
 

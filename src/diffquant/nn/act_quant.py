@@ -40,6 +40,12 @@ class ActivationQuantizer(nn.Module):
         self.channel_dim = channel_dim
         self.qmin, self.qmax = affine.int_range(config.bits, config.symmetric)
 
+    _observing = False  # calibrating quantizers observe their inputs and pass them through
+
+    def stop_observing(self) -> None:
+        """Leave observation mode without fixing any range (used when calibration fails)."""
+        self._observing = False
+
     def meta(self) -> dict[str, Any]:
         """JSON description used to rebuild the quantizer before loading a checkpoint."""
         return {"config": self.config.to_dict(), "channel_dim": self.channel_dim}

@@ -14,8 +14,6 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from diffquant.nn.qmodules import is_quantized_layer
-
 
 @contextmanager
 def layer_paths(layers: Iterable[nn.Module], *, float_weight: bool, quantize_inputs: bool) -> Iterator[None]:
@@ -29,13 +27,6 @@ def layer_paths(layers: Iterable[nn.Module], *, float_weight: bool, quantize_inp
     finally:
         for layer, (use_float, quantize) in zip(layers, saved, strict=True):
             layer.use_float_weight, layer.quantize_inputs = use_float, quantize
-
-
-def float_path(model: nn.Module):
-    """Context manager: every quantized layer of ``model`` computes as the float model did."""
-    return layer_paths(
-        [m for m in model.modules() if is_quantized_layer(m)], float_weight=True, quantize_inputs=False
-    )
 
 
 def attach_float_weights(layers: dict[str, nn.Module], originals: dict[str, nn.Module]) -> None:
