@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -73,6 +75,7 @@ def fit_denoiser(
     label_dropout: float = 0.0,
     null_class: int | None = None,
     lr_scheduler=None,
+    after_step: Callable[[], None] | None = None,
     seed: int = 0,
     progress: bool = True,
     desc: str = "fine-tune",
@@ -92,6 +95,7 @@ def fit_denoiser(
         label_dropout: probability of replacing a label with ``null_class`` (keeps classifier-free
             guidance working).
         lr_scheduler: stepped after each optimizer step when given.
+        after_step: called after every step (e.g. QLISA's layer re-sampling).
         seed: seeds batches, timesteps, noise and label dropout.
 
     Returns:
@@ -123,6 +127,8 @@ def fit_denoiser(
             optimizer.step()
             if lr_scheduler is not None:
                 lr_scheduler.step()
+        if after_step is not None:
+            after_step()
         losses.append(loss.item())
     model.eval()
     return losses
