@@ -1,0 +1,101 @@
+"""`TuneQDMConfig`: the settings of TuneQDM fine-tuning, validated on construction, JSON round trip."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from diffquant.config import _JsonConfig
+
+CONFIG_VERSION = 1
+SUPPORTED_BITS = (2, 4, 8)
+
+
+@dataclass(frozen=True)
+class TuneQDMConfig(_JsonConfig):
+    """How TuneQDM quantizes the denoiser and which scales it trains.
+
+    TuneQDM (Ryu, Lim, Shim, "Memory-Efficient Fine-Tuning for Quantized Diffusion Model", ECCV 2024)
+    freezes per-output-channel INT weights and trains only their scales, ``delta_out`` and optionally
+    ``delta_in``; with timestep-aware scales (TAS) each scale has ``num_experts`` copies and a sample at
+    timestep ``t`` uses copy ``floor(t · num_experts / total_denoising_steps)``.
+
+    Args:
+        n_bits: Weight bit-width: 2, 4 or 8 (stored packed 4, 2 and 1 per byte).
+        num_experts: TAS expert copies of every scale; 1 disables TAS (no timestep needed).
+        train_delta_in: Train a per-input-channel scale ``delta_in`` (initialised to 1).
+        train_delta_out: Train the per-output-channel scale ``delta_out`` (initialised to the min-max
+            quantization scale). When False the min-max scale stays frozen.
+        total_denoising_steps: Number of training timesteps T of the noise schedule (valid timesteps are
+            ``0 .. T - 1``); experts split this range into ``num_experts`` equal parts.
+        symmetric: Symmetric signed INT codes (zero point 0) instead of the default asymmetric ones.
+        include: Regexes (``re.fullmatch`` on module names); only matching Linear/Conv2d layers are
+            quantized. Empty means all of them.
+        exclude: Regexes of Linear/Conv2d layers left in float (and frozen). To keep the architecture's
+            usual float layers, pass ``exclude=diffquant.models.get_arch_spec(model).keep_fp``.
+        version: Config schema version (checked on load).
+
+    Raises:
+        ValueError: ``n_bits`` not in {2, 4, 8}; ``num_experts`` outside ``[1, total_denoising_steps]``;
+            ``total_denoising_steps < 1``; nothing to train; an invalid regex; another version.
+        TypeError: a non-integer count, a non-bool flag, or a single string for ``include``/``exclude``.
+
+    Example:
+        >>> cfg = TuneQDMConfig(n_bits=8, num_experts=4, train_delta_in=True)
+        >>> TuneQDMConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    n_bits: int = 8
+    num_experts: int = 1
+    train_delta_in: bool = False
+    train_delta_out: bool = True
+    total_denoising_steps: int = 1000
+    symmetric: bool = False
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != CONFIG_VERSION:
+            raise ValueError(
+                f"TuneQDMConfig version {self.version!r} is not supported (this diffquant reads version "
+                f"{CONFIG_VERSION}); re-create the config or upgrade diffquant."
+            )
+        for name in ("n_bits", "num_experts", "total_denoising_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"TuneQDMConfig.{name} must be an int, got {value!r}.")
+        for name in ("train_delta_in", "train_delta_out", "symmetric"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"TuneQDMConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.n_bits not in SUPPORTED_BITS:
+            raise ValueError(
+                f"TuneQDM supports n_bits in {SUPPORTED_BITS} (packed 1, 2 or 4 codes per byte), got "
+                f"{self.n_bits}; use 8 (the paper's setting), 4 or 2."
+            )
+        if self.total_denoising_steps < 1:
+            raise ValueError(
+                f"total_denoising_steps must be >= 1, got {self.total_denoising_steps}; use the scheduler's "
+                "num_train_timesteps (1000 for Stable Diffusion)."
+            )
+        if not 1 <= self.num_experts <= self.total_denoising_steps:
+            raise ValueError(
+                f"num_experts must be >= 1 and <= total_denoising_steps ({self.total_denoising_steps}), got "
+                f"{self.num_experts}; 1 disables timestep-aware scales, the paper uses 4."
+            )
+        if not (self.train_delta_in or self.train_delta_out):
+            raise ValueError(
+                "nothing to train: train_delta_in and train_delta_out are both False. Set "
+                "train_delta_out=True (the default) and/or train_delta_in=True."
+            )
+        for name in ("include", "exclude"):
+            patterns = getattr(self, name)
+            if isinstance(patterns, str):
+                raise TypeError(f"TuneQDMConfig.{name} must be a list/tuple of regexes, not one string.")
+            object.__setattr__(self, name, tuple(patterns))
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ValueError(f"{name} pattern {pattern!r} is not a valid regex: {err}") from err
