@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from diffquant.config import QuantConfig
 from diffquant.models import get_arch_spec
 from diffquant.nn.act_quant import ActivationQuantizer
+from diffquant.nn.packed import PackedWeight
 from diffquant.nn.qmodules import is_quantized_layer, quant_layer_class
 from diffquant.noise import attach_noise_context
 from diffquant.ptq.calibration import DenoiserCall, record_denoiser_calls, replay
@@ -221,10 +222,13 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def weight_bits_per_parameter(model: nn.Module) -> float:
-    """Stored bits per weight over all Linear/Conv2d weights (float layers count their dtype's bits)."""
+    """Stored bits per weight over all Linear/Conv2d weights (float layers count their dtype's bits).
+
+    Any layer holding a packed ``qweight`` counts as quantized (QuantLinear, TuneQDM's TQ layers, ...).
+    """
     bits, count = 0.0, 0
     for module in model.modules():
-        if is_quantized_layer(module):
+        if isinstance(getattr(module, "qweight", None), PackedWeight):
             bits += 8 * module.qweight.storage_bytes
             count += module.qweight.numel
         elif quant_layer_class(module) is not None:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from diffquant.api import quantize_, weight_bits_per_parameter
 from diffquant.config import CalibrationConfig
+from diffquant.demo_finetune import FINETUNE_RECIPES, FinetuneBudget
 from diffquant.demo_rows import DEMO_ROWS, DemoRow
 from diffquant.eval.frechet import classifier_features, frechet_distance, noise_floor_fd
 from diffquant.eval.metrics import class_accuracy, psnr
@@ -117,8 +118,13 @@ class _RowContext:
 def _quantized_model(row: DemoRow, ctx: _RowContext) -> tuple[nn.Module, float]:
     if row.transfer_of is not None:
         return ctx.models[row.transfer_of], 0.0
-    model = copy.deepcopy(ctx.fp_model)
     start = time.perf_counter()
+    if row.finetune is not None:
+        budget = FinetuneBudget().scaled(ctx.settings.quick)
+        recipe = FINETUNE_RECIPES[row.finetune]
+        model = recipe(ctx.fp_model, row.config, budget, calibration_fn(ctx.settings))
+        return model, time.perf_counter() - start
+    model = copy.deepcopy(ctx.fp_model)
     if row.config is not None:
         config = replace(row.config, calibration=CalibrationConfig(num_steps=ctx.settings.calibration_steps))
         quantize_(model, config, calibrate=calibration_fn(ctx.settings), schedule=fp_scheduler())
@@ -165,6 +171,7 @@ def evaluate_row(row: DemoRow, source: DemoRow, ctx: _RowContext) -> dict[str, A
         "latency_vs_fp": latency_ms / fp_latency_ms,
         "calibration_seconds": quantize_seconds,
         "transfer_of": row.transfer_of,
+        "finetune": source.finetune,
         "grid": f"grid_{row.name}.png",
     }
 

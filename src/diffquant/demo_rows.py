@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from diffquant.config import ActivationQuantConfig, QuantConfig, WeightQuantConfig
+from diffquant.demo_finetune import FINETUNE_RECIPES
+from diffquant.efficientdm import EfficientDMConfig
 
 SAMPLERS = ("ddim", "dpm")
 """``ddim``: DDIM (η = 0); ``dpm``: DPM-Solver++ multistep (2nd order)."""
@@ -25,6 +27,8 @@ class DemoRow:
         sampler: ``"ddim"`` or ``"dpm"`` (see :data:`SAMPLERS`).
         num_steps: sampling steps (``None``: the demo's default, 50).
         transfer_of: name of an earlier row whose quantized model is re-used without recalibration.
+        finetune: recipe in :data:`diffquant.demo_finetune.FINETUNE_RECIPES` that builds the model by
+            fine-tuning (``config`` then names the bit-widths it targets).
     """
 
     name: str
@@ -33,10 +37,16 @@ class DemoRow:
     sampler: str = "ddim"
     num_steps: int | None = None
     transfer_of: str | None = None
+    finetune: str | None = None
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"row {self.name}: sampler must be one of {SAMPLERS}, got {self.sampler!r}.")
+        if self.finetune is not None and (self.finetune not in FINETUNE_RECIPES or self.config is None):
+            raise ValueError(
+                f"row {self.name}: finetune must be one of {sorted(FINETUNE_RECIPES)} and needs a config "
+                f"naming its bit-widths, got {self.finetune!r} with config {self.config!r}."
+            )
 
     @property
     def weights_label(self) -> str:
@@ -123,5 +133,36 @@ DEMO_ROWS: tuple[DemoRow, ...] = (
             transfer_of=f"w4a4-qronos-{mode}",
         )
         for mode in _W4A4_MODES
+    ),
+    *(
+        DemoRow(
+            f"w4a{act}-efficientdm",
+            f"EfficientDM: W4A{act} PTQ start (first/last W8A8), QALoRA + scale-aware LR + TALSQ, "
+            "distilled from the float model, merged",
+            EfficientDMConfig(weight_bits=4, act_bits=act).quant_config(),
+            finetune="efficientdm",
+        )
+        for act in (4, 8)
+    ),
+    *(
+        DemoRow(
+            f"w{bits}-tuneqdm",
+            f"TuneQDM: frozen INT{bits} weights, 4 timestep-aware scale experts distilled from the float model",
+            QuantConfig(weights=WeightQuantConfig(bits=bits, symmetric=False)),
+            finetune="tuneqdm",
+        )
+        for bits in (8, 4)
+    ),
+    DemoRow(
+        "nf4-qlisa",
+        "QLISA: NF4 frozen layers, layerwise-sampled fine-tune on the digits data",
+        QuantConfig(weights=WeightQuantConfig(format="nf4", bits=4, block_size=64, double_quant=True)),
+        finetune="qlisa",
+    ),
+    DemoRow(
+        "w4a8-qat",
+        "QAT: LSQ fake-quant W4A8 trained from the float model on the digits data, converted",
+        _config(4, "rtn", 8, symmetric=False),
+        finetune="qat",
     ),
 )

@@ -20,7 +20,7 @@ COLUMNS = (
     ("size_bytes", "size (KiB)", "{}"),
     ("step_latency_ms", "step latency (ms)", "{:.1f}"),
     ("latency_vs_fp", "latency / FP", "{:.2f}"),
-    ("calibration_seconds", "quantize time (s)", "{:.1f}"),
+    ("calibration_seconds", "quantize / fine-tune time (s)", "{:.1f}"),
 )
 
 
