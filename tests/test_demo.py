@@ -59,5 +59,10 @@ def test_quick_demo_from_scratch(tmp_path, two_threads):
         assert 4 < rows[name]["bits_per_weight"] < 5.5, name
         assert rows[name]["size_bytes"] < fp["size_bytes"] / 4, name
     assert rows["w4a4-qronos-logsnr-dpm20"]["transfer_of"] == "w4a4-qronos-logsnr"
+    finetuned = ("w4a4-efficientdm", "w4a8-efficientdm", "w8-tuneqdm", "w4-tuneqdm", "nf4-qlisa", "w4a8-qat")
+    for name in finetuned:  # a short fine-tune must leave a working quantized model
+        assert rows[name]["finetune"] is not None and rows[name]["class_accuracy"] >= 0.8, name
+        low, high = (8, 9.5) if name == "w8-tuneqdm" else (4, 5.5)
+        assert low < rows[name]["bits_per_weight"] < high, name
     report = (out / "report.md").read_text()
     assert "| w4a8-qronos |" in report and (out / "fd_vs_bits.png").is_file()

@@ -34,7 +34,7 @@ from diffquant.tuneqdm import TuneQDMConfig, apply_tuneqdm, register_tas_pre_hoo
 
 @dataclass(frozen=True)
 class FinetuneBudget:
-    """Training steps of the fine-tuned rows (full run; the quick run uses a fifth).
+    """Training steps of the fine-tuned rows (full run; the quick run uses a tenth).
 
     Attributes:
         distill_iterations: optimizer steps of data-free distillation (EfficientDM, TuneQDM).
@@ -47,7 +47,7 @@ class FinetuneBudget:
     def scaled(self, quick: bool) -> FinetuneBudget:
         if not quick:
             return self
-        return FinetuneBudget(max(1, self.distill_iterations // 5), max(1, self.data_steps // 5))
+        return FinetuneBudget(max(1, self.distill_iterations // 10), max(1, self.data_steps // 10))
 
 
 Recipe = Callable[[nn.Module, QuantConfig, FinetuneBudget, Callable[[nn.Module], None]], nn.Module]
