@@ -40,3 +40,8 @@ def test_quantize_rejects_bad_requests_with_a_message(tmp_path, capsys):
     assert main(["quantize", str(tmp_path), "--out", str(tmp_path / "q")]) == 2
     assert "no config.json" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+def test_efficientdm_rejects_a_bad_bit_spec(capsys):
+    assert main(["efficientdm", "--bits", "W4"]) == 2
+    assert "--bits must look like W4A4" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -61,6 +62,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(markdown_table(results))
     print(f"\nnoise floor FD {results['noise_floor_fd']:.2f}; report: {Path(args.out) / 'report.md'}")
     return 0
+
+
+def cmd_efficientdm(args: argparse.Namespace) -> int:
+    from diffquant.efficientdm.walkthrough import markdown_report, run_walkthrough
+
+    weight_bits, act_bits = _bit_pair(args.bits)
+    results = run_walkthrough(
+        args.out,
+        quick=args.quick,
+        weight_bits=weight_bits,
+        act_bits=act_bits,
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+        progress=not args.no_progress,
+    )
+    print(markdown_report(results))
+    return 0
+
+
+def _bit_pair(spec: str) -> tuple[int, int]:
+    match = re.fullmatch(r"[wW](\d)[aA](\d)", spec)
+    if match is None:
+        raise ValueError(f"--bits must look like W4A4 or W4A8, got {spec!r}.")
+    return int(match[1]), int(match[2])
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -142,6 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--exclude", nargs="*", default=[], help="regexes of layers to keep in float")
     quant.add_argument("--cache-dir", default=None, help="digits model cache")
     quant.set_defaults(func=cmd_quantize)
+
+    edm = sub.add_parser(
+        "efficientdm",
+        help="EfficientDM step by step on the digits benchmark: FP → PTQ → QALoRA → + scale-aware LR → "
+        "+ TALSQ → + distillation, with a comparison table",
+    )
+    edm.add_argument("--bits", default="W4A4", help="weights and activations, e.g. W4A4 or W4A8")
+    edm.add_argument("--quick", action="store_true", help="fewer fine-tuning steps and samples")
+    edm.add_argument("--out", default="out/efficientdm", help="output directory")
+    edm.add_argument("--seed", type=int, default=0)
+    edm.add_argument("--cache-dir", default=None, help="where the trained float model is cached")
+    edm.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    edm.set_defaults(func=cmd_efficientdm)
 
     info = sub.add_parser("info", help="describe a saved quantized checkpoint")
     info.add_argument("checkpoint")
