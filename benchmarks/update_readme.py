@@ -1,11 +1,13 @@
 """Copy a demo run's table and pictures, and the PTQ layer-error results, into the README.
 
-Usage: python benchmarks/update_readme.py [out/demo] [out/bench]
+Usage: python benchmarks/update_readme.py [out/demo] [out/bench] [out/efficientdm]
 
 Replaces the text between ``<!-- demo-table:start -->`` / ``<!-- demo-table:end -->`` with the table
 of ``out/demo/results.json`` (copying the FD-vs-bits plot and sample grids to docs/assets/), and
 between ``<!-- layer-error:start -->`` / ``<!-- layer-error:end -->`` with the summary of
-``out/bench/ptq_layer_error.json``.
+``out/bench/ptq_layer_error.json``; likewise the fine-tuning memory, personalization and EfficientDM
+walkthrough tables from ``out/bench/finetune_memory.json``, ``out/bench/personalization.json`` and
+``out/efficientdm/efficientdm_results.json`` when those exist.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import shutil
 import sys
 from pathlib import Path
 
+from diffquant.efficientdm.walkthrough import markdown_report
 from diffquant.io import atomic_write_text
 from diffquant.report import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- demo-table:start -->", "<!-- demo-table:end -->"
 LAYER_START, LAYER_END = "<!-- layer-error:start -->", "<!-- layer-error:end -->"
+MiB = 2**20
 
 
 def _replace(text: str, start: str, end: str, block: str) -> str:
@@ -53,7 +57,65 @@ def layer_error_block(path: Path) -> str:
     return "\n".join(lines)
 
 
-def main(run_dir: str = "out/demo", bench_dir: str = "out/bench") -> None:
+def finetune_memory_block(path: Path) -> str:
+    """Markdown table of ``finetune_memory.json``."""
+    results = json.loads(path.read_text())
+    lines = [
+        f"One training step (forward, backward, optimizer; peak over {results['steps']} steps, "
+        f"{results['device'].upper()}, peak RSS above the level before training plus the stored weights). "
+        "`digits`: the benchmark UNet (1.0M parameters, batch 16 of 8×8); `unet-cond`: a "
+        "Stable-Diffusion-shaped `UNet2DConditionModel` built from a config (52M parameters, batch 2 of "
+        "4×32×32 latents, 77 text tokens). MiB:",
+        "",
+        "| model | method | weights | trainable | optimizer state | activations & temporaries "
+        "| peak | peak / FP full |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['weights_bytes'] / MiB:.1f} | {r['trainable_bytes'] / MiB:.1f} "
+            f"| {r['optimizer_state_bytes'] / MiB:.1f} | {r['activations_bytes'] / MiB:.1f} "
+            f"| {r['peak_bytes'] / MiB:.1f} | {r['ratio_to_fp']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def personalization_block(path: Path) -> str:
+    """Markdown table of ``personalization.json``."""
+    results = json.loads(path.read_text())
+    ref, cfg = results["references"], results["config"]
+    lines = [
+        f"Subject: {results['subject']}; {cfg['steps']} steps of batch {cfg['batch_size']}, prior "
+        f"preservation {'on' if cfg['prior_preservation'] else 'off'}. Subject fidelity = mean cosine "
+        "similarity of digit-classifier features of 50 generated subject samples to the 5 images "
+        f"(for scale: unseen mirrored 3s score {ref['unseen_subject_images']:.3f}, ordinary 3s "
+        f"{ref['ordinary_3s']:.3f}, the model before fine-tuning {ref['fp_model_before_finetuning']:.3f}); "
+        "prompt fidelity = class accuracy of 200 samples of the ten digits afterwards. Peak memory is "
+        "the RSS growth during training of this 1M-parameter model (see the table above for a large UNet).",
+        "",
+        "| method | subject fidelity ↑ | vs FP full | prompt fidelity ↑ | trainable params | train time (s) "
+        "| peak memory (MiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        lines.append(
+            f"| {r['method']} | {r['subject_fidelity']:.3f} | {r['subject_vs_fp_full']:.3f} "
+            f"| {r['prompt_fidelity']:.3f} | {r['trainable_params']:,} | {r['train_seconds']:.0f} "
+            f"| {r['peak_bytes'] / MiB:.1f} |"
+        )
+    return "\n".join(lines) + "\n\n![personalization samples](docs/assets/personalization.png)"
+
+
+def _optional_block(text: str, name: str, path: Path, render) -> str:
+    if not path.is_file():
+        return text
+    shutil.copy(path, ROOT / "docs" / "assets" / path.name)
+    return _replace(text, f"<!-- {name}:start -->", f"<!-- {name}:end -->", render(path))
+
+
+def main(
+    run_dir: str = "out/demo", bench_dir: str = "out/bench", efficientdm_dir: str = "out/efficientdm"
+) -> None:
     run = Path(run_dir)
     results = json.loads((run / "results.json").read_text())
     if results["quick"]:
@@ -81,6 +143,13 @@ Sample grids: {grids}"""
     if layer_json.is_file():
         text = _replace(text, LAYER_START, LAYER_END, layer_error_block(layer_json))
         shutil.copy(layer_json, assets / "ptq_layer_error.json")
+    bench = Path(bench_dir)
+    text = _optional_block(text, "finetune-memory", bench / "finetune_memory.json", finetune_memory_block)
+    text = _optional_block(text, "personalization", bench / "personalization.json", personalization_block)
+    if (bench / "personalization.png").is_file():
+        shutil.copy(bench / "personalization.png", assets / "personalization.png")
+    edm = Path(efficientdm_dir) / "efficientdm_results.json"
+    text = _optional_block(text, "efficientdm", edm, lambda p: markdown_report(json.loads(p.read_text())))
     atomic_write_text(readme, text)
     print(f"README table updated from {run / 'results.json'}")
 
