@@ -1,0 +1,404 @@
+"""The EfficientDM recipe end to end: PTQ start, QALoRA, scale-aware LR, TALSQ, distillation, merge.
+
+EfficientDM (He et al., ICLR 2024) fine-tunes a low-bit PTQ model cheaply:
+
+1. PTQ: round-to-nearest (or GPTQ / Qronos) weights and per-timestep activation tables calibrated
+   on the float model's sampling trajectories; the first and last layers at W8A8
+   (:func:`efficientdm_quantize_`).
+2. QALoRA adapters on every quantized layer (:func:`~diffquant.efficientdm.apply_qalora`).
+3. Scale-aware learning rates (:func:`~diffquant.efficientdm.scale_aware_param_groups`).
+4. TALSQ: the activation tables become trainable (:func:`~diffquant.efficientdm.enable_talsq`).
+5. Data-free distillation from the float model (:func:`diffquant.finetune.distill.distill`), or,
+   with ``distill=False``, the ordinary denoising loss on training images.
+6. Merge: plain quantized layers again (:func:`~diffquant.efficientdm.merge_qalora`).
+
+Steps 3-5 are switches of :class:`EfficientDMConfig`, so each can be ablated.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diffquant.api import quantize_
+from diffquant.config import ActivationQuantConfig, CalibrationConfig, QuantConfig, WeightQuantConfig
+from diffquant.efficientdm.qalora import apply_qalora, merge_qalora
+from diffquant.efficientdm.scale_aware import scale_aware_param_groups
+from diffquant.efficientdm.talsq import enable_talsq
+from diffquant.finetune.common import fit_denoiser
+from diffquant.finetune.distill import distill
+from diffquant.nn.qmodules import quant_layer_class
+from diffquant.ptq.calibration import record_denoiser_calls, replay
+
+EDGE_BITS = 8
+"""Bit-width of the first and last layers' weights and inputs (EfficientDM keeps them at W8A8)."""
+
+_REPLAY_ONLY = CalibrationConfig(num_steps=None, samples_per_step=None, merge_batch=None)
+
+
+@dataclass(frozen=True)
+class EfficientDMConfig:
+    """Settings of :func:`efficientdm_finetune`.
+
+    Args:
+        weight_bits: weight bit-width of all layers but the first and last (those are 8-bit).
+        act_bits: input-activation bit-width of those layers.
+        weight_method: PTQ weight method of the start model (``"rtn"``, ``"gptq"``, ``"qronos"``).
+        weight_range: range choice of the PTQ weights (``"minmax"``, ``"percentile"``, ``"mse"``).
+        act_range: range choice of each per-timestep activation entry.
+        calibration_steps: denoiser calls of the calibration run kept for calibration.
+        rank: LoRA rank; alpha: LoRA scaling numerator (default ``rank``).
+        iterations: optimizer steps of the fine-tune.
+        lr: LoRA learning rate of a layer with the average weight step (Adam). The defaults were
+            chosen on the digits benchmark (W4A4, 150 distillation steps): LoRA 1e-3 and step sizes
+            1e-2 (relative) reduce the student-teacher ε error the most; 2e-3 / 3e-2 diverge.
+        step_lr: weight-step learning rate relative to each layer's mean step; act_lr: the same
+            for the activation step tables (see :func:`~diffquant.efficientdm.scale_aware_param_groups`).
+        cosine: decay every learning rate to 0 along a cosine (``False``: constant).
+        scale_aware: per-layer LoRA learning rates proportional to the weight step.
+        talsq: train the per-timestep activation tables.
+        distill: data-free distillation from the float model; ``False`` trains on images with the
+            denoising loss.
+        batch_size: trajectories (distillation) or images (denoising loss) per step.
+        num_sampling_steps: DDIM steps of each distillation trajectory.
+        guidance_scale: classifier-free guidance of the distillation trajectories.
+        label_dropout: label → null-class probability of the denoising-loss batches.
+        null_class: the "no class" id (classifier-free guidance).
+        seed: seeds LoRA initialisation, batches and noise.
+
+    Raises:
+        ValueError: on a non-positive count or learning rate.
+    """
+
+    weight_bits: int = 4
+    act_bits: int = 4
+    weight_method: str = "rtn"
+    weight_range: str = "mse"
+    act_range: str = "minmax"
+    calibration_steps: int | None = 25
+    rank: int = 32
+    alpha: float | None = None
+    iterations: int = 300
+    lr: float = 1e-3
+    step_lr: float = 1e-2
+    act_lr: float = 1e-2
+    cosine: bool = True
+    scale_aware: bool = True
+    talsq: bool = True
+    distill: bool = True
+    batch_size: int = 16
+    num_sampling_steps: int = 25
+    guidance_scale: float = 1.5
+    label_dropout: float = 0.1
+    null_class: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "iterations", "batch_size", "num_sampling_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"EfficientDMConfig.{name} must be a positive integer, got {value!r}.")
+        for name in ("lr", "step_lr", "act_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"EfficientDMConfig.{name} must be positive, got {value!r}.")
+
+    @classmethod
+    def for_mode(cls, quick: bool, **fields: Any) -> EfficientDMConfig:
+        """The digits benchmark's sizes: 100 iterations when ``quick`` (≈ 15-20 s on 2 CPU cores),
+        else 300 (≈ 45-60 s); ``fields`` override any setting."""
+        return cls(**{"iterations": 100 if quick else 300, **fields})
+
+    @property
+    def label(self) -> str:
+        """``W4A4``-style label."""
+        return f"W{self.weight_bits}A{self.act_bits}"
+
+    def quant_config(self) -> QuantConfig:
+        """The PTQ config of the layers between the first and the last."""
+        return QuantConfig(
+            weights=WeightQuantConfig(
+                bits=self.weight_bits,
+                symmetric=False,
+                range_method=self.weight_range,
+                method=self.weight_method,
+            ),
+            activations=ActivationQuantConfig(
+                bits=self.act_bits, mode="step_table", range_method=self.act_range
+            ),
+        )
+
+
+@dataclass
+class EfficientDMReport:
+    """What a fine-tune did, attached to the result as ``model.efficientdm_report``.
+
+    Attributes:
+        config: the settings used.
+        losses: the loss of every optimizer step.
+        ptq_seconds: time of the PTQ start (0 when a PTQ model was given).
+        finetune_seconds: time of QALoRA set-up, training and merging.
+        trainable_parameters: parameters trained (LoRA factors, steps, activation tables).
+        learning_rates: ``{group name: lr}`` of the optimizer's parameter groups.
+    """
+
+    config: EfficientDMConfig
+    losses: list[float] = field(default_factory=list)
+    ptq_seconds: float = 0.0
+    finetune_seconds: float = 0.0
+    trainable_parameters: int = 0
+    learning_rates: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly summary (config as a dict)."""
+        return {**dataclasses.asdict(self), "config": dataclasses.asdict(self.config)}
+
+
+def first_last_layers(model: nn.Module) -> tuple[str, str]:
+    """Names of the first and the last Linear/Conv2d in registration order (``conv_in`` and
+    ``conv_out`` for diffusers UNets).
+
+    Raises:
+        ValueError: if the model has no Linear/Conv2d layer.
+    """
+    names = [name for name, m in model.named_modules() if quant_layer_class(m) is not None]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no Linear/Conv2d layer to quantize.")
+    return names[0], names[-1]
+
+
+def efficientdm_quantize_(
+    model: nn.Module,
+    config: QuantConfig,
+    *,
+    calibrate: Callable[[nn.Module], Any] | None = None,
+    schedule: Any = None,
+    edge_layers: tuple[str, ...] | None = None,
+    calibration: CalibrationConfig | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """PTQ with EfficientDM's layer precisions: ``edge_layers`` at W8A8, the rest as ``config`` says.
+
+    The float model's calibration run is recorded once and replayed for both precisions. Layers the
+    architecture keeps in full precision (timestep embedding; see :mod:`diffquant.models`) stay so,
+    except the edge layers.
+
+    Args:
+        model: the float model (quantized in place).
+        config: the low-bit config; its activation config's mode is reused for the edge layers.
+        calibrate: ``fn(model)`` running the float model on representative inputs (needed by
+            calibrated activation modes and weight methods).
+        schedule: the scheduler, for the noise-level context.
+        edge_layers: layers kept at 8 bits (default :func:`first_last_layers`).
+        calibration: which recorded calls are kept (default: ``config.calibration``).
+        progress: progress bars.
+
+    Returns:
+        ``model``; ``model.diffquant_config`` is ``config`` with the edge layers excluded.
+
+    Raises:
+        ValueError: as :func:`diffquant.quantize_` (e.g. calibration needed but no ``calibrate``).
+
+    Example:
+        >>> cfg = QuantConfig(weights=WeightQuantConfig(bits=4, symmetric=False),
+        ...                   activations=ActivationQuantConfig(bits=4, mode="step_table"))
+        >>> efficientdm_quantize_(unet, cfg, calibrate=run_sampler, schedule=scheduler)  # doctest: +SKIP
+    """
+    edge_layers = tuple(edge_layers) if edge_layers is not None else first_last_layers(model)
+    replayed = None
+    if calibrate is not None:
+        calls = record_denoiser_calls(model, calibrate, calibration or config.calibration)
+        replayed = partial(replay, calls=calls)
+    acts = config.activations
+    edge_config = QuantConfig(
+        weights=dataclasses.replace(config.weights, bits=EDGE_BITS, granularity="channel", group_size=None),
+        activations=dataclasses.replace(acts, bits=EDGE_BITS) if acts is not None else None,
+        include=tuple(re.escape(name) for name in edge_layers),
+        keep_fp=(),
+        calibration=_REPLAY_ONLY,
+    )
+    originals = {name: model.get_submodule(name) for name in edge_layers}
+    quantize_(model, edge_config, calibrate=replayed, schedule=schedule, progress=progress)
+    edges = {name: model.get_submodule(name) for name in edge_layers}
+    for name, layer in originals.items():  # float again while the other layers are quantized
+        model.set_submodule(name, layer)
+    model.diffquant_config = None
+    main_config = dataclasses.replace(
+        config, exclude=(*config.exclude, *edge_config.include), calibration=_REPLAY_ONLY
+    )
+    quantize_(
+        model, main_config, calibrate=replayed, schedule=schedule, progress=progress
+    )  # float on failure
+    for name, layer in edges.items():
+        model.set_submodule(name, layer)
+    model.diffquant_config = dataclasses.replace(main_config, calibration=config.calibration)
+    return model
+
+
+def ptq_start(
+    fp_model: nn.Module,
+    config: EfficientDMConfig,
+    *,
+    calibrate: Callable[[nn.Module], Any],
+    scheduler: Any,
+    progress: bool = False,
+) -> nn.Module:
+    """A quantized copy of ``fp_model``: the start of the fine-tune (``fp_model`` is not modified)."""
+    model = copy.deepcopy(fp_model).eval()
+    return efficientdm_quantize_(
+        model,
+        config.quant_config(),
+        calibrate=calibrate,
+        schedule=scheduler,
+        calibration=CalibrationConfig(num_steps=config.calibration_steps),
+        progress=progress,
+    )
+
+
+def finetune_ptq_model(
+    model: nn.Module,
+    teacher: nn.Module,
+    config: EfficientDMConfig,
+    *,
+    scheduler: Any,
+    train_data: tuple[Tensor, Tensor] | None = None,
+    progress: bool = True,
+) -> EfficientDMReport:
+    """Fine-tune a PTQ model in place with QALoRA (+ the switches of ``config``) and merge it.
+
+    Args:
+        model: the quantized model (step-table activations when ``config.talsq``).
+        teacher: the float model (the distillation teacher).
+        config: the settings.
+        scheduler: the training noise scheduler (``DDPMScheduler``); distillation samples with DDIM
+            built from its config.
+        train_data: ``(images, labels)`` for the denoising loss (``config.distill=False``); default
+            the digits benchmark's training split.
+        progress: progress bar.
+
+    Returns:
+        The report (also attached as ``model.efficientdm_report``).
+    """
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # LoRA initialisation
+        apply_qalora(model, config.rank, config.alpha)
+    if config.talsq:
+        enable_talsq(model)
+    groups = scale_aware_param_groups(
+        model, config.lr, scale_aware=config.scale_aware, step_lr=config.step_lr, act_lr=config.act_lr
+    )
+    optimizer = torch.optim.Adam(groups)
+    lr_scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.iterations) if config.cosine else None
+    )
+    report = EfficientDMReport(
+        config,
+        trainable_parameters=sum(p.numel() for group in groups for p in group["params"]),
+        learning_rates={group["name"]: group["lr"] for group in groups},
+    )
+    if config.distill:
+        report.losses = distill(
+            model,
+            teacher,
+            optimizer,
+            scheduler=scheduler,
+            iterations=config.iterations,
+            batch_size=config.batch_size,
+            num_sampling_steps=config.num_sampling_steps,
+            guidance_scale=config.guidance_scale,
+            null_class=config.null_class,
+            lr_scheduler=lr_scheduler,
+            seed=config.seed,
+            progress=progress,
+            desc=f"EfficientDM {config.label} distill",
+        )
+    else:
+        images, labels = train_data if train_data is not None else _digits_training_data(model)
+        report.losses = fit_denoiser(
+            model,
+            optimizer,
+            images,
+            labels,
+            scheduler,
+            steps=config.iterations,
+            batch_size=config.batch_size,
+            label_dropout=config.label_dropout,
+            null_class=config.null_class,
+            lr_scheduler=lr_scheduler,
+            seed=config.seed,
+            progress=progress,
+            desc=f"EfficientDM {config.label} denoise",
+        )
+    merge_qalora(model).eval()
+    report.finetune_seconds = time.perf_counter() - start
+    model.efficientdm_report = report
+    return report
+
+
+def efficientdm_finetune(
+    fp_model: nn.Module,
+    config: EfficientDMConfig | None = None,
+    *,
+    scheduler: Any,
+    calibrate: Callable[[nn.Module], Any],
+    train_data: tuple[Tensor, Tensor] | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> nn.Module:
+    """EfficientDM on a float denoiser: PTQ start, QALoRA fine-tune, merge. ``fp_model`` is untouched.
+
+    Args:
+        fp_model: the float class-conditional denoiser (also the distillation teacher).
+        config: the settings (default :class:`EfficientDMConfig`); keyword ``overrides`` replace
+            single fields, e.g. ``act_bits=8, iterations=100, distill=False``.
+        scheduler: the training noise scheduler (e.g. :func:`diffquant.toy.cache.fp_scheduler`).
+        calibrate: ``fn(model)`` running the float sampler on a few samples (e.g.
+            :func:`diffquant.demo.calibration_fn`); calibrates the activation tables.
+        train_data: ``(images, labels)`` for ``distill=False``.
+        progress: progress bars.
+
+    Returns:
+        The merged quantized model (plain ``QuantLinear`` / ``QuantConv2d`` layers, savable with
+        :func:`diffquant.save_quantized`), with the :class:`EfficientDMReport` as
+        ``model.efficientdm_report``.
+
+    Raises:
+        ValueError: for an unknown override or invalid settings.
+
+    Example:
+        >>> from diffquant.toy.cache import fp_scheduler, load_or_train_fp_model
+        >>> fp = load_or_train_fp_model()  # doctest: +SKIP
+        >>> q = efficientdm_finetune(fp, scheduler=fp_scheduler(), calibrate=run_sampler,
+        ...                          weight_bits=4, act_bits=4, iterations=200)  # doctest: +SKIP
+    """
+    config = config or EfficientDMConfig()
+    known = {f.name for f in dataclasses.fields(EfficientDMConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown EfficientDM setting(s) {unknown}; known settings are {sorted(known)}.")
+    config = dataclasses.replace(config, **overrides)
+    start = time.perf_counter()
+    model = ptq_start(fp_model, config, calibrate=calibrate, scheduler=scheduler, progress=False)
+    ptq_seconds = time.perf_counter() - start
+    report = finetune_ptq_model(
+        model, fp_model, config, scheduler=scheduler, train_data=train_data, progress=progress
+    )
+    report.ptq_seconds = ptq_seconds
+    return model
+
+
+def _digits_training_data(model: nn.Module) -> tuple[Tensor, Tensor]:
+    from diffquant.toy.data import load_digits_dataset, train_test_split
+
+    train, _ = train_test_split(load_digits_dataset(model.config.sample_size))
+    return train.images, train.labels
