@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffquant.devices import module_device
+
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -20,10 +22,6 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 def _sync(device: torch.device | None) -> None:
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _first_device(model: nn.Module) -> torch.device | None:
-    return next((t.device for t in [*model.parameters(), *model.buffers()]), None)
 
 
 def measure_step_latency(
@@ -41,7 +39,7 @@ def measure_step_latency(
         raise TypeError(
             f"inputs must be a tuple of positional args or a dict of kwargs, got {type(inputs).__name__}"
         )
-    device = _first_device(model)
+    device = module_device(model)
 
     def call() -> None:
         model(**inputs) if isinstance(inputs, dict) else model(*inputs)

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from diffquant.devices import module_device
+
 
 def require_trainable(model: nn.Module, what: str = "the model") -> list[nn.Parameter]:
     """The parameters of ``model`` that require gradients, in registration order.
@@ -107,7 +109,7 @@ def fit_denoiser(
         raise ValueError("label_dropout > 0 needs null_class (the label that means 'no class').")
     if optimizer is not None:
         require_trainable(model)
-    device = next(model.parameters()).device
+    device = module_device(model)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     losses: list[float] = []

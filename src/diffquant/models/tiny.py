@@ -27,6 +27,8 @@ from diffusers import (
 )
 from torch import nn
 
+from diffquant.devices import module_device
+
 __all__ = [
     "example_inputs",
     "scheduler_for_tests",
@@ -189,7 +191,7 @@ def example_inputs(
             "forward kwargs of other models yourself."
         )
     cfg = model.config
-    device = next(model.parameters()).device
+    device = module_device(model)
     gen = torch.Generator().manual_seed(seed)
     size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size,) * 2
     x = torch.randn(batch_size, cfg.in_channels, *size, generator=gen)

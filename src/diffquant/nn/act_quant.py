@@ -83,6 +83,16 @@ def quantizer_from_meta(meta: dict[str, Any]) -> ActivationQuantizer:
     return _quantizer_class(ActivationQuantConfig.from_dict(meta["config"]).mode).from_meta(meta)
 
 
+def sample_values(flat: Tensor, n: int, seed: int) -> Tensor:
+    """``n`` values of the 1-D ``flat`` drawn with replacement, on the CPU.
+
+    The indices come from a CPU generator, so calibration picks the same values on every device.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(flat.numel(), (min(flat.numel(), n),), generator=gen)
+    return flat[idx.to(flat.device)].cpu()
+
+
 def _check_finite(x: Tensor, where: str) -> None:
     if not torch.isfinite(x).all():
         raise ValueError(
@@ -129,11 +139,7 @@ class StaticActivationQuantizer(ActivationQuantizer):
         self._lo = lo if self._lo is None else torch.minimum(self._lo, lo)
         self._hi = hi if self._hi is None else torch.maximum(self._hi, hi)
         if self.config.range_method != "minmax" and sum(s.numel() for s in self._samples) < self.max_samples:
-            gen = torch.Generator(device=flat.device).manual_seed(len(self._samples))
-            idx = torch.randint(
-                flat.numel(), (min(flat.numel(), self.samples_per_batch),), generator=gen, device=flat.device
-            )
-            self._samples.append(flat[idx].cpu())
+            self._samples.append(sample_values(flat, self.samples_per_batch, seed=len(self._samples)))
 
     @torch.no_grad()
     def finish_calibration(self) -> None:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from diffquant.config import ActivationQuantConfig
-from diffquant.nn.act_quant import ActivationQuantizer, _check_finite
+from diffquant.nn.act_quant import ActivationQuantizer, _check_finite, sample_values
 from diffquant.noise import NoiseLevel, require_noise_level
 from diffquant.quant import affine, ste
 from diffquant.quant.ranges import RANGE_METHODS
@@ -125,11 +125,7 @@ class ConditionRangeCollector:
             if sum(s.numel() for s in kept) >= self.max_samples_per_condition:
                 continue
             flat = rows[mask].reshape(-1)
-            gen = torch.Generator(device=flat.device).manual_seed(len(kept))
-            idx = torch.randint(
-                flat.numel(), (min(flat.numel(), self.samples_per_batch),), generator=gen, device=flat.device
-            )
-            kept.append(flat[idx].cpu())
+            kept.append(sample_values(flat, self.samples_per_batch, seed=len(kept)))
 
     def _range(self, values: Tensor) -> tuple[Tensor, Tensor]:
         """The config's range method on a 1-D sample, as two 0-d tensors."""

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from diffquant.config import CalibrationConfig
+from diffquant.devices import module_device
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,7 @@ def replay(
     model: nn.Module, calls: list[DenoiserCall], *, progress: bool = False, desc: str = "replay"
 ) -> None:
     """Call ``model`` on every recorded call, on the model's device (outputs are discarded)."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = module_device(model)
     for call in tqdm(calls, desc=desc, disable=not progress, leave=False):
         model(
             *map_tensors(call.args, lambda t: t.to(device)),
