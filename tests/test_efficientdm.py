@@ -127,7 +127,7 @@ def test_lora_shapes_follow_the_layer_kind(ptq):
     kinds = set()
     for layer in qalora_layers(model).values():
         base = layer.base_layer
-        out_ch, in_ch = layer.w0.shape[:2]
+        out_ch, in_ch = layer.weight_shape[:2]
         if isinstance(base, QuantConv2d):
             assert layer.lora_A.shape == (4, in_ch, *base.kernel_size)  # A: conv with the original kernel
             assert layer.lora_B.shape == (out_ch, 4, 1, 1)  # B: 1x1
@@ -136,7 +136,7 @@ def test_lora_shapes_follow_the_layer_kind(ptq):
             assert isinstance(base, QuantLinear)
             assert layer.lora_A.shape == (4, in_ch) and layer.lora_B.shape == (out_ch, 4)
             kinds.add("linear")
-        assert layer.delta_weight().shape == layer.w0.shape
+        assert layer.delta_weight().shape == layer.weight_shape
         assert layer.weight_step.shape == base.qweight.scale.shape
     assert kinds >= {"conv3", "conv1", "linear"}
 

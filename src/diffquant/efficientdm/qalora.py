@@ -26,6 +26,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from diffquant.nn.act_timestep import TimestepActivationQuantizer
 from diffquant.nn.packed import IntPackedWeight
@@ -39,7 +40,10 @@ class QALoRALayer(nn.Module):
     """A :class:`~diffquant.nn.QuantLinear` / :class:`~diffquant.nn.QuantConv2d` with a QALoRA adapter.
 
     The wrapped layer (``base_layer``) keeps its bias, its input activation quantizer (applied first,
-    as before) and its convolution arguments; its packed weight is read once into ``w0``. A frozen
+    as before), its convolution arguments and its packed weight, which is dequantized to ``W₀`` on the
+    fly: no float copy of the frozen weight is kept. During training the fake-quantized weight is
+    recomputed in the backward pass (activation checkpointing of the weight path), so only the weight
+    the layer actually uses stays in memory between forward and backward, not LSQ's temporaries. A frozen
     input quantizer rounds with zero gradient, so the gradient passes it straight through (same
     values): every adapter trains, also those whose outputs reach the loss through later quantized
     layers. A trainable one (TALSQ) provides LSQ's gradients itself.
@@ -50,7 +54,6 @@ class QALoRALayer(nn.Module):
         weight_step: ``float32 (out, n_groups)``, the PTQ weight scale (``(out, 1)`` per channel).
 
     Buffers (frozen):
-        w0: the dequantized PTQ weight, the layer's weight shape, float32.
         zero_point: ``int32 (out, n_groups)`` (zeros for symmetric weights).
 
     Args:
@@ -72,8 +75,7 @@ class QALoRALayer(nn.Module):
         self.scaling = (alpha if alpha is not None else rank) / rank
         self.bits, self.symmetric = packed.bits, packed.symmetric
         self.qmin, self.qmax = packed.qmin, packed.qmax
-        w0 = packed.dequantize(torch.float32)
-        self.register_buffer("w0", w0)
+        self.weight_shape = tuple(packed.shape)
         zero_point = (
             packed.zero_point.to(torch.int32)
             if not packed.symmetric
@@ -81,18 +83,17 @@ class QALoRALayer(nn.Module):
         )
         self.register_buffer("zero_point", zero_point)
         self.weight_step = nn.Parameter(packed.scale.detach().clone())
-        out_channels, in_channels = w0.shape[0], w0.shape[1]
-        kernel = tuple(w0.shape[2:])  # () for Linear, (kh, kw) for Conv2d
-        self.lora_A = nn.Parameter(torch.empty(rank, in_channels, *kernel, device=w0.device))
-        self.lora_B = nn.Parameter(torch.zeros(out_channels, rank, *(1 for _ in kernel), device=w0.device))
+        out_channels, in_channels, *kernel = self.weight_shape  # kernel: [] for Linear, [kh, kw] for Conv2d
+        device = packed.scale.device
+        self.lora_A = nn.Parameter(torch.empty(rank, in_channels, *kernel, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_channels, rank, *(1 for _ in kernel), device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear / PEFT LoRA initialisation
 
     def delta_weight(self) -> Tensor:
         """``(alpha / r) · B·A`` in the weight's shape."""
-        out_channels = self.w0.shape[0]
         # (out, r) @ (r, in*kh*kw) -> (out, in*kh*kw); for a conv, 1x1 B after A is this kernel
-        delta = self.lora_B.reshape(out_channels, self.rank) @ self.lora_A.reshape(self.rank, -1)
-        return (delta * self.scaling).reshape(self.w0.shape)
+        delta = self.lora_B.reshape(self.weight_shape[0], self.rank) @ self.lora_A.reshape(self.rank, -1)
+        return (delta * self.scaling).reshape(self.weight_shape)
 
     def step(self) -> Tensor:
         """The weight step in use: ``weight_step`` kept positive, ``(out, n_groups)``."""
@@ -100,7 +101,7 @@ class QALoRALayer(nn.Module):
 
     def _grouped_weight(self) -> Tensor:
         """``W₀ + (α/r)·B·A`` viewed as ``(out, n_groups, group_size)``."""
-        w = self.w0 + self.delta_weight()
+        w = self.base_layer.qweight.dequantize(torch.float32) + self.delta_weight()
         return w.reshape(w.shape[0], self.weight_step.shape[1], -1)  # (out, n_groups, group_size)
 
     def quantized_weight(self) -> Tensor:
@@ -109,7 +110,7 @@ class QALoRALayer(nn.Module):
         w_hat = ste.lsq_fake_quantize(
             wg, self.step()[..., None], self.zero_point[..., None], self.qmin, self.qmax
         )  # (out, n_groups, group_size)
-        return w_hat.reshape(self.w0.shape)
+        return w_hat.reshape(self.weight_shape)
 
     def forward(self, x: Tensor) -> Tensor:
         base = self.base_layer
@@ -120,7 +121,10 @@ class QALoRALayer(nn.Module):
             # layers; the value is exactly x_q (x - x.detach() is exactly 0)
             x_q = x_q.detach() + (x - x.detach())
         x = x_q
-        weight = self.quantized_weight().to(x.dtype)
+        if torch.is_grad_enabled():  # recomputed in backward: LSQ's temporaries are not kept
+            weight = checkpoint(self.quantized_weight, use_reentrant=False).to(x.dtype)
+        else:
+            weight = self.quantized_weight().to(x.dtype)
         bias = base.bias.to(x.dtype) if base.bias is not None else None
         if isinstance(base, QuantConv2d):
             return F.conv2d(x, weight, bias, base.stride, base.padding, base.dilation, base.groups)
@@ -136,8 +140,8 @@ class QALoRALayer(nn.Module):
         # the same arithmetic as the forward's fake quantization: clamp(round(w / s) + z)
         codes = affine.quantize(wg, step[..., None], self.zero_point[..., None], self.qmin, self.qmax)
         packed = IntPackedWeight.from_codes(
-            tuple(self.w0.shape),
-            codes.reshape(self.w0.shape[0], -1),  # (out, in*kh*kw)
+            self.weight_shape,
+            codes.reshape(self.weight_shape[0], -1),  # (out, in*kh*kw)
             step,
             self.zero_point,
             self.bits,
