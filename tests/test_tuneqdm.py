@@ -18,6 +18,7 @@ from diffquant.tuneqdm import (
     TQLinear,
     TuneQDMConfig,
     apply_tuneqdm,
+    delta_param_groups,
     expert_index,
     load_delta_config,
     load_delta_state,
@@ -298,6 +299,26 @@ def test_apply_tuneqdm_trains_only_the_deltas_and_reduces_the_loss():
     handle.remove()
     with pytest.raises(RuntimeError, match="no timestep"):
         model(**inputs)
+
+
+def test_delta_param_groups_scale_delta_out_rates_by_the_layer_step():
+    models = {
+        bits: apply_tuneqdm(tiny_unet2d(seed=0), TuneQDMConfig(n_bits=bits, train_delta_in=True))
+        for bits in (8, 4)
+    }
+    groups = {bits: delta_param_groups(model, lr=1e-2) for bits, model in models.items()}
+    for bits, model in models.items():
+        grouped = [p for g in groups[bits] for p in g["params"]]
+        assert [id(p) for p in grouped] == [id(p) for p in trainable_delta_parameters(model)]
+        for layer in tuneqdm_layers(model).values():
+            rates = {id(p): g["lr"] for g in groups[bits] for p in g["params"]}
+            assert rates[id(layer.delta_in)] == 1e-2
+            assert rates[id(layer.delta_out)] == pytest.approx(1e-2 * layer.qweight.scale.mean().item())
+    # asymmetric INT8 steps are (max - min) / 255, INT4 ones (max - min) / 15: so are the delta_out rates
+    out_rate = {bits: g[0]["lr"] for bits, g in groups.items()}
+    assert out_rate[8] / out_rate[4] == pytest.approx(15 / 255, rel=1e-3)
+    with pytest.raises(ValueError, match="no trainable TuneQDM deltas"):
+        delta_param_groups(tiny_unet2d(), lr=1e-3)
 
 
 def test_apply_include_exclude_and_errors():

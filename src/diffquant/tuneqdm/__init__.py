@@ -10,7 +10,8 @@ Training::
     config = TuneQDMConfig(n_bits=8, num_experts=4, train_delta_in=True)
     apply_tuneqdm(unet, config)                    # everything else is frozen
     register_tas_pre_hook(unet, config.num_experts)  # experts follow each call's timestep argument
-    opt = torch.optim.AdamW(trainable_delta_parameters(unet), lr=3e-6)
+    opt = torch.optim.AdamW(trainable_delta_parameters(unet), lr=3e-6)  # the seed's absolute rate
+    # or: AdamW(delta_param_groups(unet, lr=1e-2)): rates relative to each scale, same at any bit width
     ...                                            # the usual denoising loss, backward, step
     save_delta_state(unet, "dog.safetensors", config=config)
 
@@ -24,6 +25,7 @@ Inference::
 
 from diffquant.tuneqdm.apply import (
     apply_tuneqdm,
+    delta_param_groups,
     quantize_model,
     trainable_delta_parameters,
     tuneqdm_config,
@@ -46,6 +48,7 @@ __all__ = [
     "TQLinear",
     "TuneQDMConfig",
     "apply_tuneqdm",
+    "delta_param_groups",
     "expert_index",
     "is_tuneqdm_layer",
     "load_delta_config",

@@ -11,6 +11,7 @@ from diffquant.tuneqdm.layers import TQConv2d, TQLinear, _TQLayer, is_tuneqdm_la
 
 __all__ = [
     "apply_tuneqdm",
+    "delta_param_groups",
     "quantize_model",
     "trainable_delta_parameters",
     "tuneqdm_config",
@@ -152,3 +153,26 @@ def trainable_delta_parameters(model: nn.Module) -> list[nn.Parameter]:
         for p in (layer.delta_out, layer.delta_in)
         if p is not None
     ]
+
+
+def delta_param_groups(model: nn.Module, lr: float) -> list[dict]:
+    """Optimizer parameter groups for the deltas with scale-relative learning rates.
+
+    ``delta_in`` starts at 1 and takes ``lr``; each layer's ``delta_out`` starts at its min-max step
+    (about ``max|W| / 127`` at 8 bits, 16× larger at 4 bits) and takes ``lr`` times that layer's mean
+    step, so one Adam update changes every delta by about the same *fraction* at every bit width (a single
+    absolute rate that suits INT4 scales wipes out INT8 ones). Pass to any ``torch.optim`` optimizer.
+
+    Example:
+        >>> opt = torch.optim.AdamW(delta_param_groups(unet, lr=1e-3), weight_decay=0.0)  # doctest: +SKIP
+    """
+    groups: list[dict] = []
+    for layer in tuneqdm_layers(model).values():
+        if layer.delta_out is not None:
+            step = float(layer.qweight.scale.float().mean())
+            groups.append({"params": [layer.delta_out], "lr": lr * step})
+        if layer.delta_in is not None:
+            groups.append({"params": [layer.delta_in], "lr": lr})
+    if not groups:
+        raise ValueError("model has no trainable TuneQDM deltas; apply_tuneqdm(model, config) first.")
+    return groups
