@@ -106,6 +106,16 @@ def personalization_block(path: Path) -> str:
     return "\n".join(lines) + "\n\n![personalization samples](docs/assets/personalization.png)"
 
 
+def efficientdm_block(path: Path) -> str:
+    """The walkthrough table of ``efficientdm_results.json``, its sample grids copied to docs/assets."""
+    results = json.loads(path.read_text())
+    grids = ROOT / "docs" / "assets" / "efficientdm"
+    grids.mkdir(parents=True, exist_ok=True)
+    for step in results["steps"]:
+        shutil.copy(path.parent / step["grid"], grids / step["grid"])
+    return markdown_report(results, title=False, grid_dir="docs/assets/efficientdm/")
+
+
 def _optional_block(text: str, name: str, path: Path, render) -> str:
     if not path.is_file():
         return text
@@ -149,7 +159,7 @@ Sample grids: {grids}"""
     if (bench / "personalization.png").is_file():
         shutil.copy(bench / "personalization.png", assets / "personalization.png")
     edm = Path(efficientdm_dir) / "efficientdm_results.json"
-    text = _optional_block(text, "efficientdm", edm, lambda p: markdown_report(json.loads(p.read_text())))
+    text = _optional_block(text, "efficientdm", edm, efficientdm_block)
     atomic_write_text(readme, text)
     print(f"README table updated from {run / 'results.json'}")
 

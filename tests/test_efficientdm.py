@@ -293,3 +293,6 @@ def test_markdown_report_has_one_line_per_step():
     lines = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(lines) == 3 and "| 2 | ptq | PTQ |" in lines[2] and "| 20.0 |" in lines[2]
     assert "| — |" in lines[1] and "[ptq](g2.png)" in text
+    assert text.startswith("# EfficientDM walkthrough (W4A4")
+    embedded = markdown_report({**results, "noise_floor_fd": 1.0, "steps": rows}, title=False, grid_dir="a/")
+    assert not embedded.startswith("#") and "[ptq](a/g2.png)" in embedded

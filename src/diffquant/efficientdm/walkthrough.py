@@ -358,12 +358,16 @@ COLUMNS = (
 )
 
 
-def markdown_report(results: dict[str, Any]) -> str:
-    """The walkthrough's results as Markdown: a table, one line per step, and the sample grids."""
+def markdown_report(results: dict[str, Any], *, title: bool = True, grid_dir: str = "") -> str:
+    """The walkthrough's results as Markdown: a table, one line per step, and the sample grids.
+
+    Args:
+        title: start with a ``#`` heading (off when embedded in another document).
+        grid_dir: prefix of the sample-grid links (e.g. ``"docs/assets/efficientdm/"``).
+    """
     s = results["settings"]
-    lines = [
-        f"# EfficientDM walkthrough ({results['label']}, digits)",
-        "",
+    lines = [f"# EfficientDM walkthrough ({results['label']}, digits)", ""] if title else []
+    lines += [
         f"{results['method']}: {s['num_samples']} samples per step, {results['sampler']} with classifier-free "
         f"guidance, {s['iterations']} fine-tuning iterations per step{' (quick run)' if s['quick'] else ''}. "
         f"FD noise floor (two halves of the real digits): {results['noise_floor_fd']:.2f}. First and last layers "
@@ -380,7 +384,7 @@ def markdown_report(results: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Sample grids: " + " ".join(f"[{row['name']}]({row['grid']})" for row in results["steps"]),
+        "Sample grids: " + " ".join(f"[{row['name']}]({grid_dir}{row['grid']})" for row in results["steps"]),
         "",
     ]
     return "\n".join(lines)
