@@ -61,6 +61,16 @@ def reshape_groups(w: Tensor, n_groups: int) -> Tensor:
     return w.reshape(out_features, n_groups, in_features // n_groups)  # (out, n_groups, group_size)
 
 
+def _on_device(value: float, like: Tensor) -> Tensor:
+    """``value`` as a 0-d tensor on ``like``'s device.
+
+    CUDA divides by a Python number as a multiplication by its reciprocal (CPU divides exactly), which
+    moves a scale by one ulp and flips codes that sit on a rounding boundary; dividing by a device
+    tensor rounds the same on every device, so CPU and CUDA choose identical scales and codes.
+    """
+    return torch.tensor(float(value), dtype=like.dtype, device=like.device)
+
+
 def qparams_from_range(lo: Tensor, hi: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
     """Scale and zero point covering ``[lo, hi]`` (elementwise over any shape).
 
@@ -77,11 +87,11 @@ def qparams_from_range(lo: Tensor, hi: Tensor, bits: int, symmetric: bool) -> tu
     lo = lo.float()
     hi = hi.float()
     if symmetric:
-        scale = torch.maximum(lo.abs(), hi.abs()) / ((qmax - qmin) / 2)
+        scale = torch.maximum(lo.abs(), hi.abs()) / _on_device((qmax - qmin) / 2, lo)
     else:
         lo = lo.clamp(max=0.0)
         hi = hi.clamp(min=0.0)
-        scale = (hi - lo) / (qmax - qmin)
+        scale = (hi - lo) / _on_device(qmax - qmin, lo)
     scale = torch.where(scale >= _MIN_SCALE, scale, torch.ones_like(scale))
     if symmetric:
         zero_point = torch.zeros_like(scale, dtype=torch.int32)
