@@ -141,6 +141,29 @@ def test_lora_shapes_follow_the_layer_kind(ptq):
     assert kinds >= {"conv3", "conv1", "linear"}
 
 
+def test_qalora_keeps_no_float_weight_copy_and_saves_little_for_backward():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256))
+    quantize_(model, QuantConfig(weights=WeightQuantConfig(bits=4)))
+    apply_qalora(model, rank=4)
+    layer, weight_elems = model[0], 256 * 256
+    assert all(b.numel() < weight_elems or not b.is_floating_point() for b in layer.buffers())
+    x = torch.randn(8, 256)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    # the layer's weight and its input, plus LoRA / step tensors: LSQ's temporaries are recomputed
+    weight_sized = [t for t in saved if t.is_floating_point() and t.numel() >= weight_elems]
+    assert len(weight_sized) <= 1, [t.shape for t in weight_sized]
+    out.square().mean().backward()
+    assert layer.lora_A.grad is not None and layer.weight_step.grad.abs().sum() > 0
+
+
 def test_grouped_conv_is_skipped_with_a_reason_and_stays_frozen():
     torch.manual_seed(0)
     model = nn.Sequential(
