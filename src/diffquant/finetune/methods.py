@@ -119,7 +119,7 @@ def _tuneqdm(bits: int) -> Callable[[nn.Module, MethodOptions, float], FinetuneS
         config = TuneQDMConfig(n_bits=bits, num_experts=opts.num_experts, train_delta_in=True)
         apply_tuneqdm(model, config)
         register_tas_pre_hook(model, config.num_experts)
-        optimizer = torch.optim.AdamW(delta_param_groups(model, lr), lr=lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(delta_param_groups(model, lr), weight_decay=0.0)
         return FinetuneSetup(model, optimizer)
 
     return setup

@@ -13,6 +13,7 @@ a quantized model given the same seed are compared on identical starting points.
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from pathlib import Path
@@ -23,6 +24,7 @@ from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm.auto import tqdm
 
+from diffquant.devices import module_device
 from diffquant.toy.data import NATIVE_SIZE
 from diffquant.toy.model import NULL_CLASS, NUM_CLASS_EMBEDS
 from diffquant.toy.train import training_scheduler
@@ -34,11 +36,9 @@ DEFAULT_GUIDANCE = 1.5
 
 def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     """Device of the first parameter or buffer, and the first floating dtype (float32 if none)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    if not tensors:
-        return torch.device("cpu"), torch.float32
+    tensors = itertools.chain(model.parameters(), model.buffers())
     dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
-    return tensors[0].device, dtype
+    return module_device(model), dtype
 
 
 def _predict_noise(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
