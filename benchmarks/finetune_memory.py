@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
+from diffquant.bench.digits.model import build_unet
 from diffquant.eval.perf import model_size_bytes, track_peak_memory
 from diffquant.finetune.common import denoising_loss
 from diffquant.finetune.methods import METHODS, prepare_finetune
 from diffquant.io import atomic_write_text
-from diffquant.toy.model import build_unet
 
 BATCH = {"digits": 16, "unet-cond": 2}
 

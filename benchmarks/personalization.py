@@ -1,7 +1,7 @@
 """DreamBooth on digits: teach the FP digits model a new subject from 5 images, with each method.
 
 The subject is five left-right mirrored 3s under the reserved class id 11 (see
-:mod:`diffquant.finetune.personalize`), trained with prior preservation. For every method: subject
+:mod:`diffquant.bench.personalize`), trained with prior preservation. For every method: subject
 fidelity (classifier-feature cosine similarity of 50 generated subject samples to the 5 images, and
 relative to FP full fine-tuning), prompt fidelity (class accuracy of 200 samples of the ordinary
 digits), training wall time and peak training memory (RSS above the level at the start of training),
@@ -20,8 +20,10 @@ from pathlib import Path
 
 import torch
 
-from diffquant.finetune.methods import METHODS
-from diffquant.finetune.personalize import (
+from diffquant.bench.digits.cache import fp_scheduler, load_or_train_classifier, load_or_train_fp_model
+from diffquant.bench.digits.data import load_digits_dataset, train_test_split
+from diffquant.bench.digits.sampling import save_sample_grid
+from diffquant.bench.personalize import (
     PersonalizeConfig,
     evaluate_personalization,
     mirrored_digits,
@@ -30,10 +32,8 @@ from diffquant.finetune.personalize import (
     subject_images,
     training_set,
 )
+from diffquant.finetune.methods import METHODS
 from diffquant.io import atomic_write_text
-from diffquant.toy.cache import fp_scheduler, load_or_train_classifier, load_or_train_fp_model
-from diffquant.toy.data import load_digits_dataset, train_test_split
-from diffquant.toy.sampling import save_sample_grid
 
 DEFAULT_METHODS = ("fp-full", "lora", "tuneqdm-int8", "tuneqdm-int4", "qalora-int4", "qlisa")
 

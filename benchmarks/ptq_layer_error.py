@@ -27,11 +27,11 @@ from torch import nn
 
 from diffquant import QuantConfig, WeightQuantConfig, quantize_
 from diffquant.api import quantized_layers
+from diffquant.bench.digits.cache import fp_scheduler, load_or_train_fp_model
+from diffquant.bench.digits.sampling import sample_digits
 from diffquant.config import CalibrationConfig
 from diffquant.io import atomic_write_text
 from diffquant.ptq.calibration import record_denoiser_calls, replay
-from diffquant.toy.cache import fp_scheduler, load_or_train_fp_model
-from diffquant.toy.sampling import sample_digits
 
 METHODS = ("rtn", "gptq", "qronos")
 

@@ -18,9 +18,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from diffquant.efficientdm.walkthrough import markdown_report
+from diffquant.bench.efficientdm_walkthrough import markdown_report
+from diffquant.bench.report import markdown_table
 from diffquant.io import atomic_write_text
-from diffquant.report import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- demo-table:start -->", "<!-- demo-table:end -->"

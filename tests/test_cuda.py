@@ -9,6 +9,9 @@ import pytest
 import torch
 
 from diffquant import ActivationQuantConfig, QuantConfig, WeightQuantConfig, load_quantized, quantize_
+from diffquant.bench.digits.data import load_digits_dataset
+from diffquant.bench.digits.model import UNetConfig, build_unet
+from diffquant.bench.digits.train import training_scheduler
 from diffquant.devices import module_device
 from diffquant.efficientdm.qalora import apply_qalora, merge_qalora
 from diffquant.finetune import fit_denoiser
@@ -16,9 +19,6 @@ from diffquant.finetune.methods import METHODS, MethodOptions, prepare_finetune
 from diffquant.io import save_quantized
 from diffquant.models.tiny import example_inputs, scheduler_for_tests, tiny_unet2d
 from diffquant.qat import convert, prepare_qat
-from diffquant.toy.data import load_digits_dataset
-from diffquant.toy.model import UNetConfig, build_unet
-from diffquant.toy.train import training_scheduler
 from diffquant.tuneqdm import TuneQDMConfig, apply_tuneqdm, set_timestep
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -12,6 +12,7 @@ from diffquant import (
     quantize_,
     save_quantized,
 )
+from diffquant.bench.efficientdm_walkthrough import markdown_report
 from diffquant.efficientdm import (
     QALoRALayer,
     apply_qalora,
@@ -22,7 +23,6 @@ from diffquant.efficientdm import (
     qalora_layers,
     scale_aware_param_groups,
 )
-from diffquant.efficientdm.walkthrough import markdown_report
 from diffquant.models.tiny import example_inputs, scheduler_for_tests, tiny_unet2d
 from diffquant.nn import QuantConv2d, QuantLinear, StepTableActivationQuantizer
 

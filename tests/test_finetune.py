@@ -5,19 +5,19 @@ import copy
 import pytest
 import torch
 
-from diffquant.finetune import denoising_loss, fit_denoiser, require_trainable
-from diffquant.finetune.methods import METHODS, MethodOptions, prepare_finetune
-from diffquant.finetune.personalize import (
+from diffquant.bench.digits.data import load_digits_dataset
+from diffquant.bench.digits.model import SUBJECT_CLASS, UNetConfig, build_unet
+from diffquant.bench.digits.train import training_scheduler
+from diffquant.bench.personalize import (
     PersonalizeConfig,
     personalize,
     subject_fidelity,
     subject_images,
     training_set,
 )
+from diffquant.finetune import denoising_loss, fit_denoiser, require_trainable
+from diffquant.finetune.methods import METHODS, MethodOptions, prepare_finetune
 from diffquant.nn.qmodules import is_quantized_layer
-from diffquant.toy.data import load_digits_dataset
-from diffquant.toy.model import SUBJECT_CLASS, UNetConfig, build_unet
-from diffquant.toy.train import training_scheduler
 
 TINY = UNetConfig(block_out_channels=(16, 32), attention_levels=(1,), attention_head_dim=8)
 

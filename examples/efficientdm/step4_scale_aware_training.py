@@ -7,7 +7,7 @@ Steps share state through --out (run them in order; a step runs the earlier step
     python examples/efficientdm/step4_scale_aware_training.py --out efficientdm-walkthrough --quick
 """
 
-from diffquant.efficientdm.walkthrough import step_main
+from diffquant.bench.efficientdm_walkthrough import step_main
 
 if __name__ == "__main__":
     step_main("scale_aware")

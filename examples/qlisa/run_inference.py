@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 
+from diffquant.bench.digits.cache import fp_scheduler
+from diffquant.bench.digits.sampling import DEFAULT_GUIDANCE, balanced_labels, sample_digits, save_sample_grid
 from diffquant.io import load_quantized
-from diffquant.toy.cache import fp_scheduler
-from diffquant.toy.sampling import DEFAULT_GUIDANCE, balanced_labels, sample_digits, save_sample_grid
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -17,13 +17,13 @@ import copy
 import torch
 
 from diffquant.api import quantize_
+from diffquant.bench.digits.cache import fp_scheduler, load_or_train_fp_model
+from diffquant.bench.digits.data import DigitsData, load_digits_dataset, train_test_split
+from diffquant.bench.digits.model import NULL_CLASS
 from diffquant.config import QuantConfig
 from diffquant.finetune.common import denoising_loss, fit_denoiser
 from diffquant.io import save_quantized
 from diffquant.qlisa import NF4_CONFIG, QLISADiffusion
-from diffquant.toy.cache import fp_scheduler, load_or_train_fp_model
-from diffquant.toy.data import DigitsData, load_digits_dataset, train_test_split
-from diffquant.toy.model import NULL_CLASS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -53,8 +53,8 @@ def _load_diffusers_model(path: str, subfolder: str | None):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from diffquant.demo import run_demo
-    from diffquant.report import markdown_table
+    from diffquant.bench.demo import run_demo
+    from diffquant.bench.report import markdown_table
 
     results = run_demo(
         args.out, quick=args.quick, seed=args.seed, cache_dir=args.cache_dir, progress=not args.no_progress
@@ -65,7 +65,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_efficientdm(args: argparse.Namespace) -> int:
-    from diffquant.efficientdm.walkthrough import markdown_report, run_walkthrough
+    from diffquant.bench.efficientdm_walkthrough import markdown_report, run_walkthrough
 
     weight_bits, act_bits = _bit_pair(args.bits)
     results = run_walkthrough(
@@ -99,8 +99,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     calibrate = schedule = None
     if args.model == "digits":
-        from diffquant.demo import DemoSettings, calibration_fn
-        from diffquant.toy.cache import fp_scheduler, load_or_train_fp_model
+        from diffquant.bench.demo import DemoSettings, calibration_fn
+        from diffquant.bench.digits.cache import fp_scheduler, load_or_train_fp_model
 
         model, schedule = load_or_train_fp_model(args.cache_dir), fp_scheduler()
         calibrate = calibration_fn(DemoSettings())

@@ -5,7 +5,7 @@
 - :mod:`~diffquant.efficientdm.talsq`: trainable per-timestep activation step tables (by real timestep).
 - :mod:`~diffquant.efficientdm.recipe`: PTQ start (first/last layers at W8A8) → QALoRA → scale-aware
   LR → TALSQ → data-free distillation (:mod:`diffquant.finetune.distill`) → merge.
-- :mod:`~diffquant.efficientdm.walkthrough`: the seed's step-by-step ablation on the digits benchmark.
+- :mod:`~diffquant.bench.efficientdm_walkthrough`: the seed's step-by-step ablation on the digits benchmark.
 
 Example::
 

@@ -362,9 +362,9 @@ def efficientdm_finetune(
         fp_model: the float class-conditional denoiser (also the distillation teacher).
         config: the settings (default :class:`EfficientDMConfig`); keyword ``overrides`` replace
             single fields, e.g. ``act_bits=8, iterations=100, distill=False``.
-        scheduler: the training noise scheduler (e.g. :func:`diffquant.toy.cache.fp_scheduler`).
+        scheduler: the training noise scheduler (e.g. :func:`diffquant.bench.digits.cache.fp_scheduler`).
         calibrate: ``fn(model)`` running the float sampler on a few samples (e.g.
-            :func:`diffquant.demo.calibration_fn`); calibrates the activation tables.
+            :func:`diffquant.bench.demo.calibration_fn`); calibrates the activation tables.
         train_data: ``(images, labels)`` for ``distill=False``.
         progress: progress bars.
 
@@ -377,7 +377,7 @@ def efficientdm_finetune(
         ValueError: for an unknown override or invalid settings.
 
     Example:
-        >>> from diffquant.toy.cache import fp_scheduler, load_or_train_fp_model
+        >>> from diffquant.bench.digits.cache import fp_scheduler, load_or_train_fp_model
         >>> fp = load_or_train_fp_model()  # doctest: +SKIP
         >>> q = efficientdm_finetune(fp, scheduler=fp_scheduler(), calibrate=run_sampler,
         ...                          weight_bits=4, act_bits=4, iterations=200)  # doctest: +SKIP
@@ -399,7 +399,7 @@ def efficientdm_finetune(
 
 
 def _digits_training_data(model: nn.Module) -> tuple[Tensor, Tensor]:
-    from diffquant.toy.data import load_digits_dataset, train_test_split
+    from diffquant.bench.digits.data import load_digits_dataset, train_test_split
 
     train, _ = train_test_split(load_digits_dataset(model.config.sample_size))
     return train.images, train.labels

@@ -64,7 +64,7 @@ def enable_talsq(model: nn.Module, timesteps: Any = None) -> dict[str, StepTable
         raise ValueError(
             f"TALSQ trains per-timestep activation step tables, but {found}. Quantize the float model with "
             "ActivationQuantConfig(bits=..., mode='step_table') and calibrate=fn (fn runs the float "
-            "sampler, e.g. diffquant.demo.calibration_fn(settings)), plus schedule=scheduler."
+            "sampler, e.g. diffquant.bench.demo.calibration_fn(settings)), plus schedule=scheduler."
         )
     for quantizer in tables.values():
         if timesteps is not None:

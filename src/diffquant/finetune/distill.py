@@ -54,7 +54,7 @@ def distill(
     Both models are called as ``model(x_t, t, **{cond_kwarg: c})`` with a ``(B,)`` timestep tensor
     (one value per sample, so noise-level hooks see the per-sample timestep). Under guidance
     (``guidance_scale != 1``) the call batch is ``[cond, uncond]`` concatenated, as in
-    :func:`diffquant.toy.sampling.sample_digits`, and the student is trained on both halves.
+    :func:`diffquant.bench.digits.sampling.sample_digits`, and the student is trained on both halves.
 
     Args:
         student: the model to train (its trainable parameters are what ``optimizer`` steps).

@@ -188,7 +188,7 @@ def qat_finetune(
         model: the float denoiser, called as ``model(x_t, t, class_labels=c)``.
         config: see :func:`prepare_qat`.
         images: ``(N, C, H, W)`` training images; labels: ``int64 (N,)`` class ids.
-        scheduler: the training noise scheduler (e.g. :func:`diffquant.toy.cache.fp_scheduler`).
+        scheduler: the training noise scheduler (e.g. :func:`diffquant.bench.digits.cache.fp_scheduler`).
         steps, batch_size, lr, seed: optimisation settings (``lr`` is the peak learning rate).
         progress: show a progress bar.
         null_class, label_dropout: classifier-free-guidance label dropout (keeps the unconditional

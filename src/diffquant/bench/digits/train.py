@@ -16,8 +16,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from tqdm.auto import tqdm
 
-from diffquant.toy.data import DigitsData, load_digits_dataset, train_test_split
-from diffquant.toy.model import NULL_CLASS, UNetConfig, build_unet
+from diffquant.bench.digits.data import DigitsData, load_digits_dataset, train_test_split
+from diffquant.bench.digits.model import NULL_CLASS, UNetConfig, build_unet
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-import diffquant.toy.cache as cache
-from diffquant.toy.classifier import ClassifierConfig
-from diffquant.toy.model import TINY_UNET
-from diffquant.toy.train import TrainConfig
+import diffquant.bench.digits.cache as cache
+from diffquant.bench.digits.classifier import ClassifierConfig
+from diffquant.bench.digits.model import TINY_UNET
+from diffquant.bench.digits.train import TrainConfig
 
 TINY_TRAIN = TrainConfig(steps=3, batch_size=8, warmup_steps=1)
 TINY_CLASSIFIER = ClassifierConfig(width=4, feature_dim=8, epochs=1)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from diffusers import UNet2DModel
 
-from diffquant.toy.data import NUM_DIGITS
+from diffquant.bench.digits.data import NUM_DIGITS
 
 __all__ = [
     "NULL_CLASS",

@@ -1,6 +1,6 @@
 """``diffquant demo``: every method on the embedded digits benchmark, one table.
 
-For each row of :data:`diffquant.demo_rows.DEMO_ROWS` the float digits UNet is copied, quantized,
+For each row of :data:`diffquant.bench.rows.DEMO_ROWS` the float digits UNet is copied, quantized,
 sampled with DDIM and classifier-free guidance from the same seeds as the float model, and scored:
 Fréchet distance (FD) of digit-classifier features to real digits, FD ratio to the float model,
 class accuracy of the samples, PSNR against the float model's samples, stored bits per weight,
@@ -22,18 +22,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffquant.api import quantize_, weight_bits_per_parameter
+from diffquant.bench.digits.cache import fp_scheduler, load_or_train_classifier, load_or_train_fp_model
+from diffquant.bench.digits.data import NUM_DIGITS, load_digits_dataset
+from diffquant.bench.digits.model import NULL_CLASS
+from diffquant.bench.digits.sampling import sample_digits, save_sample_grid
+from diffquant.bench.recipes import FINETUNE_RECIPES, FinetuneBudget
+from diffquant.bench.report import write_report
+from diffquant.bench.rows import DEMO_ROWS, DemoRow
 from diffquant.config import CalibrationConfig
-from diffquant.demo_finetune import FINETUNE_RECIPES, FinetuneBudget
-from diffquant.demo_rows import DEMO_ROWS, DemoRow
 from diffquant.eval.frechet import classifier_features, frechet_distance, noise_floor_fd
 from diffquant.eval.metrics import class_accuracy, psnr
 from diffquant.eval.perf import measure_paired_latency, model_size_bytes
 from diffquant.io import atomic_write_text
-from diffquant.report import write_report
-from diffquant.toy.cache import fp_scheduler, load_or_train_classifier, load_or_train_fp_model
-from diffquant.toy.data import NUM_DIGITS, load_digits_dataset
-from diffquant.toy.model import NULL_CLASS
-from diffquant.toy.sampling import sample_digits, save_sample_grid
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def _latency_inputs(model: nn.Module, batch: int) -> dict[str, torch.Tensor]:
 
 
 def make_sampler(name: str):
-    """A fresh diffusers scheduler of kind ``name`` (see :data:`~diffquant.demo_rows.SAMPLERS`)
+    """A fresh diffusers scheduler of kind ``name`` (see :data:`~diffquant.bench.rows.SAMPLERS`)
     built from the float model's training schedule."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from diffquant.toy.data import load_digits_dataset
-from diffquant.toy.model import TINY_UNET
-from diffquant.toy.train import TrainConfig, train_fp_model, training_scheduler
+from diffquant.bench.digits.data import load_digits_dataset
+from diffquant.bench.digits.model import TINY_UNET
+from diffquant.bench.digits.train import TrainConfig, train_fp_model, training_scheduler
 
 TINY_TRAIN = TrainConfig(steps=60, batch_size=32, lr=3e-3, warmup_steps=5, ema_decay=0.9)
 FEW_STEPS = TrainConfig(steps=5, batch_size=8, warmup_steps=1)

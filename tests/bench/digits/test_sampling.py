@@ -4,9 +4,9 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from PIL import Image
 
-from diffquant.toy.model import NULL_CLASS, TINY_UNET, build_unet
-from diffquant.toy.sampling import balanced_labels, make_grid, sample_digits, save_sample_grid
-from diffquant.toy.train import training_scheduler
+from diffquant.bench.digits.model import NULL_CLASS, TINY_UNET, build_unet
+from diffquant.bench.digits.sampling import balanced_labels, make_grid, sample_digits, save_sample_grid
+from diffquant.bench.digits.train import training_scheduler
 
 
 @pytest.fixture(scope="module")

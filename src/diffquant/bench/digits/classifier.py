@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffquant.toy.data import NUM_DIGITS, DigitsData
+from diffquant.bench.digits.data import NUM_DIGITS, DigitsData
 
 
 @dataclass(frozen=True)

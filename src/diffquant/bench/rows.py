@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from diffquant.bench.recipes import FINETUNE_RECIPES
 from diffquant.config import ActivationQuantConfig, QuantConfig, WeightQuantConfig
-from diffquant.demo_finetune import FINETUNE_RECIPES
 from diffquant.efficientdm import EfficientDMConfig
 
 SAMPLERS = ("ddim", "dpm")
@@ -27,7 +27,7 @@ class DemoRow:
         sampler: ``"ddim"`` or ``"dpm"`` (see :data:`SAMPLERS`).
         num_steps: sampling steps (``None``: the demo's default, 50).
         transfer_of: name of an earlier row whose quantized model is re-used without recalibration.
-        finetune: recipe in :data:`diffquant.demo_finetune.FINETUNE_RECIPES` that builds the model by
+        finetune: recipe in :data:`diffquant.bench.recipes.FINETUNE_RECIPES` that builds the model by
             fine-tuning (``config`` then names the bit-widths it targets).
     """
 

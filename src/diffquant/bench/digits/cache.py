@@ -23,11 +23,11 @@ from diffusers import DDPMScheduler, UNet2DModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from diffquant.bench.digits.classifier import ClassifierConfig, DigitClassifier, train_classifier
+from diffquant.bench.digits.data import SPLIT_SEED, TEST_FRACTION, load_digits_dataset, train_test_split
+from diffquant.bench.digits.model import UNetConfig
+from diffquant.bench.digits.train import TrainConfig, train_fp_model, training_scheduler
 from diffquant.eval.metrics import class_accuracy
-from diffquant.toy.classifier import ClassifierConfig, DigitClassifier, train_classifier
-from diffquant.toy.data import SPLIT_SEED, TEST_FRACTION, load_digits_dataset, train_test_split
-from diffquant.toy.model import UNetConfig
-from diffquant.toy.train import TrainConfig, train_fp_model, training_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +96,8 @@ def load_or_train_fp_model(
         cache_dir: cache root (default :func:`default_cache_dir`).
         seed: training seed.
         progress: show the training progress bar.
-        unet_config: architecture (default :class:`~diffquant.toy.model.UNetConfig`).
-        train_config: hyper-parameters (default :class:`~diffquant.toy.train.TrainConfig`).
+        unet_config: architecture (default :class:`~diffquant.bench.digits.model.UNetConfig`).
+        train_config: hyper-parameters (default :class:`~diffquant.bench.digits.train.TrainConfig`).
 
     Returns:
         The model on CPU in eval mode.

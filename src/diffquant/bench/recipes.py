@@ -1,5 +1,5 @@
 """Fine-tuned rows of ``diffquant demo``: recipes that turn the float digits model into a quantized,
-fine-tuned one. A row names its recipe in :attr:`~diffquant.demo_rows.DemoRow.finetune`; the row's
+fine-tuned one. A row names its recipe in :attr:`~diffquant.bench.rows.DemoRow.finetune`; the row's
 ``config`` says which bit-widths the recipe targets.
 
 - ``efficientdm``: PTQ start (first/last layers W8A8, per-step activation tables), QALoRA with
@@ -19,6 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from diffquant.bench.digits.cache import fp_scheduler
+from diffquant.bench.digits.data import load_digits_dataset, train_test_split
+from diffquant.bench.digits.model import NULL_CLASS
 from diffquant.config import QuantConfig
 from diffquant.efficientdm import efficientdm_finetune
 from diffquant.finetune.common import fit_denoiser
@@ -26,9 +29,6 @@ from diffquant.finetune.distill import distill
 from diffquant.models import get_arch_spec
 from diffquant.qat import qat_finetune
 from diffquant.qlisa import QLISADiffusion
-from diffquant.toy.cache import fp_scheduler
-from diffquant.toy.data import load_digits_dataset, train_test_split
-from diffquant.toy.model import NULL_CLASS
 from diffquant.tuneqdm import TuneQDMConfig, apply_tuneqdm, delta_param_groups, register_tas_pre_hook
 
 

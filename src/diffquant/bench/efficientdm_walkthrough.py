@@ -36,16 +36,16 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from diffquant.api import weight_bits_per_parameter
-from diffquant.demo import DemoSettings, calibration_fn
+from diffquant.bench.demo import DemoSettings, calibration_fn
+from diffquant.bench.digits.cache import fp_scheduler, load_or_train_classifier, load_or_train_fp_model
+from diffquant.bench.digits.data import NUM_DIGITS, load_digits_dataset
+from diffquant.bench.digits.model import NULL_CLASS
+from diffquant.bench.digits.sampling import DEFAULT_GUIDANCE, sample_digits, save_sample_grid
 from diffquant.efficientdm.recipe import EfficientDMConfig, finetune_ptq_model, ptq_start
 from diffquant.eval.frechet import classifier_features, frechet_distance, noise_floor_fd
 from diffquant.eval.metrics import class_accuracy, psnr
 from diffquant.finetune.common import predict_noise
 from diffquant.io import atomic_write_bytes, atomic_write_text, load_quantized, save_quantized
-from diffquant.toy.cache import fp_scheduler, load_or_train_classifier, load_or_train_fp_model
-from diffquant.toy.data import NUM_DIGITS, load_digits_dataset
-from diffquant.toy.model import NULL_CLASS
-from diffquant.toy.sampling import DEFAULT_GUIDANCE, sample_digits, save_sample_grid
 
 RESULTS_NAME = "efficientdm_results.json"
 REPORT_NAME = "efficientdm.md"
@@ -120,7 +120,7 @@ class WalkthroughSettings:
         return cls(quick=quick, weight_bits=weight_bits, act_bits=act_bits, seed=seed, **sizes)
 
     def demo_settings(self) -> DemoSettings:
-        """The demo's settings with these sizes (for :func:`diffquant.demo.calibration_fn`)."""
+        """The demo's settings with these sizes (for :func:`diffquant.bench.demo.calibration_fn`)."""
         return DemoSettings(
             quick=self.quick,
             num_samples=self.num_samples,

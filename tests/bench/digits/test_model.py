@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffquant.toy.model import (
+from diffquant.bench.digits.model import (
     NULL_CLASS,
     NUM_CLASS_EMBEDS,
     SUBJECT_CLASS,

@@ -24,10 +24,10 @@ from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm.auto import tqdm
 
+from diffquant.bench.digits.data import NATIVE_SIZE
+from diffquant.bench.digits.model import NULL_CLASS, NUM_CLASS_EMBEDS
+from diffquant.bench.digits.train import training_scheduler
 from diffquant.devices import module_device
-from diffquant.toy.data import NATIVE_SIZE
-from diffquant.toy.model import NULL_CLASS, NUM_CLASS_EMBEDS
-from diffquant.toy.train import training_scheduler
 
 DEFAULT_GUIDANCE = 1.5
 """Measured on the default FP model, 1,000 DDIM-50 samples: w = 1.0 / 1.5 / 2.0 give class accuracy
@@ -66,7 +66,7 @@ def sample_digits(
             that behaves like one, e.g. a quantized copy).
         labels: ``int64 (N,)`` class ids in ``0..11`` (``NULL_CLASS`` gives unconditional samples).
         scheduler: a diffusers scheduler used as a template (it is not mutated); default DDIM η = 0
-            built from :func:`~diffquant.toy.train.training_scheduler`.
+            built from :func:`~diffquant.bench.digits.train.training_scheduler`.
         num_steps: denoising steps.
         guidance_scale: classifier-free guidance weight ``w``; ``1.0`` runs the conditional model only
             (half the compute), other values run conditional and unconditional in one batch.

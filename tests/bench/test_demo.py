@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from diffquant.demo import _check_rows, run_demo
-from diffquant.demo_rows import DEMO_ROWS, DemoRow
+from diffquant.bench.demo import _check_rows, run_demo
+from diffquant.bench.rows import DEMO_ROWS, DemoRow
 
 REQUIRED = {
     "name", "weights", "activations", "method", "fd", "fd_ratio", "class_accuracy", "psnr_vs_fp",

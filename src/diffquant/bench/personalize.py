@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from diffquant.bench.digits.data import DigitsData
+from diffquant.bench.digits.model import NULL_CLASS, SUBJECT_CLASS
+from diffquant.bench.digits.sampling import balanced_labels, sample_digits
 from diffquant.eval.frechet import classifier_features
 from diffquant.eval.metrics import class_accuracy
 from diffquant.eval.perf import track_peak_memory
 from diffquant.finetune.common import fit_denoiser
 from diffquant.finetune.methods import MethodOptions, prepare_finetune
-from diffquant.toy.data import DigitsData
-from diffquant.toy.model import NULL_CLASS, SUBJECT_CLASS
-from diffquant.toy.sampling import balanced_labels, sample_digits
 
 SUBJECT_DIGIT = 3
 
@@ -138,9 +138,9 @@ def personalize(
 ) -> PersonalizeResult:
     """Fine-tune a copy of ``fp_model`` with ``method`` on ``(images, labels)`` (see :func:`training_set`).
 
-    ``scheduler`` is the training noise scheduler (e.g. :func:`diffquant.toy.cache.fp_scheduler`).
+    ``scheduler`` is the training noise scheduler (e.g. :func:`diffquant.bench.digits.cache.fp_scheduler`).
     Samples for prior images and evaluation use DDIM (the default of
-    :func:`~diffquant.toy.sampling.sample_digits`).
+    :func:`~diffquant.bench.digits.sampling.sample_digits`).
     """
     model = copy.deepcopy(fp_model)
     with track_peak_memory() as mem:

@@ -1,8 +1,13 @@
 import torch
 
+from diffquant.bench.digits.classifier import (
+    ClassifierConfig,
+    DigitClassifier,
+    _random_shift,
+    train_classifier,
+)
+from diffquant.bench.digits.data import load_digits_dataset, train_test_split
 from diffquant.eval.metrics import class_accuracy
-from diffquant.toy.classifier import ClassifierConfig, DigitClassifier, _random_shift, train_classifier
-from diffquant.toy.data import load_digits_dataset, train_test_split
 
 
 def test_classifier_reaches_97_percent_held_out():

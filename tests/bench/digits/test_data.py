@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffquant.toy.data import NUM_DIGITS, DigitsData, load_digits_dataset, train_test_split
+from diffquant.bench.digits.data import NUM_DIGITS, DigitsData, load_digits_dataset, train_test_split
 
 
 def test_digits_shapes_and_range():
