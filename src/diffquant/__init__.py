@@ -9,8 +9,7 @@ The core API::
     unet = diffquant.load_quantized("unet-w4")
 """
 
-__version__ = "0.1.0"
-
+from diffquant._version import __version__
 from diffquant.api import calibrate_activations, quantize_, register_weight_method, weight_bits_per_parameter
 from diffquant.config import ActivationQuantConfig, QuantConfig, WeightQuantConfig
 from diffquant.io import CheckpointError, load_quantized, save_quantized

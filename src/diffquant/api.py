@@ -7,7 +7,7 @@ methods compose freely and adding one never edits this file.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -16,24 +16,27 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffquant.config import QuantConfig
+from diffquant.config import INHERIT, ActivationQuantConfig, QuantConfig, WeightQuantConfig
 from diffquant.models import get_arch_spec
 from diffquant.nn.act_quant import ActivationQuantizer
 from diffquant.nn.packed import PackedWeight
 from diffquant.nn.qmodules import is_quantized_layer, quant_layer_class
 from diffquant.noise import attach_noise_context
 from diffquant.ptq.calibration import DenoiserCall, record_denoiser_calls, replay
-from diffquant.ptq.paths import attach_float_weights, layer_paths, release_float_weights
-from diffquant.targeting import select_targets
+from diffquant.ptq.paths import calibrating, layer_paths
+from diffquant.targeting import LayerQuant, select_targets
 
 Calibrate = Callable[[nn.Module], Any]
 """A function that runs the model on representative inputs (its return value is ignored)."""
 
-WeightMethod = Callable[[nn.Module, dict[str, nn.Module], QuantConfig, list[DenoiserCall] | None], None]
-"""``(model, quantized_layers_by_name, config, calibration_calls) -> None``.
+WeightMethod = Callable[
+    [nn.Module, dict[str, nn.Module], dict[str, WeightQuantConfig], list[DenoiserCall] | None], None
+]
+"""``(model, quantized_layers_by_name, weight_config_by_name, calibration_calls) -> None``.
 
-Every targeted layer starts from round-to-nearest weights and keeps its float weight
-(``layer.float_weight``) while the method runs; a calibrated method replaces ``layer.qweight``."""
+A method gets the layers whose (possibly overridden) weight config names it. Every targeted layer
+starts from round-to-nearest weights; while the method runs its float weight is
+:func:`diffquant.ptq.paths.float_weight_of` ``(layer)``; a calibrated method replaces ``layer.qweight``."""
 
 
 @dataclass(frozen=True)
@@ -112,28 +115,10 @@ def quantize_(
         raise TypeError(f"config must be a diffquant.QuantConfig, got {type(config).__name__}.")
     if getattr(model, "diffquant_config", None) is not None or any(map(is_quantized_layer, model.modules())):
         raise ValueError("model is already quantized; quantize a fresh copy of the float model instead.")
-    method = _WEIGHT_METHODS.get(config.weights.method)
-    if method is None:
+    calibrated = _calibration_needer(config)
+    if calibrated is not None and calibrate is None:
         raise ValueError(
-            f"unknown weight method {config.weights.method!r}; registered: {list(weight_methods())}."
-        )
-    act_cls = None
-    if config.activations is not None:
-        act_cls = ActivationQuantizer.registry.get(config.activations.mode)
-        if act_cls is None:
-            raise ValueError(
-                f"unknown activation mode {config.activations.mode!r}; "
-                f"registered: {sorted(ActivationQuantizer.registry)}."
-            )
-    calibrate_acts = act_cls is not None and act_cls.needs_calibration
-    if (calibrate_acts or method.needs_calibration) and calibrate is None:
-        needer = (
-            f"activation mode {config.activations.mode!r}"
-            if calibrate_acts
-            else f"weight method {config.weights.method!r}"
-        )
-        raise ValueError(
-            f"{needer} needs calibration data: pass calibrate=fn, where fn(model) runs the float model "
+            f"{calibrated} needs calibration data: pass calibrate=fn, where fn(model) runs the float model "
             "on representative inputs (e.g. a few sampling runs)."
         )
 
@@ -142,32 +127,96 @@ def quantize_(
     for name, layer in originals.items():
         if not torch.isfinite(layer.weight).all():
             raise ValueError(f"layer {name!r} has NaN/Inf weights; fix the float model before quantizing it.")
-    _check_group_size(originals, config)
+    _check_group_size(originals, targets.configs)
     attach_default_noise_context(model, schedule)
     calls = None
-    if calibrate_acts or method.needs_calibration:
+    if calibrated is not None:
         calls = record_denoiser_calls(model, calibrate, config.calibration)
 
     layers = {}
     for name in tqdm(targets.quantize, desc="quantize", disable=not progress, leave=False):
-        layer = originals[name]
-        layers[name] = quant_layer_class(layer).from_float(layer, config.weights, config.activations)
+        layer, settings = originals[name], targets.configs[name]
+        layers[name] = quant_layer_class(layer).from_float(layer, settings.weights, settings.activations)
         model.set_submodule(name, layers[name].to(layer.weight.device))
-    attach_float_weights(layers, originals)
     try:
-        if calibrate_acts:
-            # float weights; observing quantizers pass their inputs through unchanged: the float model
-            with layer_paths(layers.values(), float_weight=True, quantize_inputs=True):
-                calibrate_activations(model, partial(replay, calls=calls))
-        method.fn(model, layers, config, calls)
+        with calibrating({layers[name]: originals[name].weight for name in layers}):
+            if any(
+                s.activations is not None and _activation_class(s.activations).needs_calibration
+                for s in targets.configs.values()
+            ):
+                # float weights; observing quantizers pass their inputs through unchanged: the float model
+                with layer_paths(layers.values(), float_weight=True, quantize_inputs=True):
+                    calibrate_activations(model, partial(replay, calls=calls))
+            for method, names in _method_groups(targets.configs):
+                method.fn(
+                    model,
+                    {n: layers[n] for n in names},
+                    {n: targets.configs[n].weights for n in names},
+                    calls,
+                )
     except BaseException:
         for name, layer in originals.items():  # leave the float model as it was
             model.set_submodule(name, layer)
         raise
-    finally:
-        release_float_weights(layers.values())
     model.diffquant_config = config
     return model
+
+
+def _settings(config: QuantConfig) -> Iterator[tuple[WeightQuantConfig, ActivationQuantConfig | None]]:
+    """Every (weights, activations) pair ``config`` can give a layer: its own and its overrides'."""
+    yield config.weights, config.activations
+    for override in config.overrides:
+        if not override.keep_fp:
+            activations = config.activations if override.activations == INHERIT else override.activations
+            yield override.weights or config.weights, activations
+
+
+def _weight_method(name: str) -> _Method:
+    method = _WEIGHT_METHODS.get(name)
+    if method is None:
+        raise ValueError(f"unknown weight method {name!r}; registered: {list(weight_methods())}.")
+    return method
+
+
+def _activation_class(config: ActivationQuantConfig) -> type[ActivationQuantizer]:
+    cls = ActivationQuantizer.registry.get(config.mode)
+    if cls is None:
+        raise ValueError(
+            f"unknown activation mode {config.mode!r}; registered: {sorted(ActivationQuantizer.registry)}."
+        )
+    return cls
+
+
+def _calibration_needer(config: QuantConfig) -> str | None:
+    """What in ``config`` needs calibration data (for the error message), or ``None``; raises on an
+    unknown weight method or activation mode."""
+    needers = []
+    for weights, activations in _settings(config):
+        if activations is not None and _activation_class(activations).needs_calibration:
+            needers.append(f"activation mode {activations.mode!r}")
+        if _weight_method(weights.method).needs_calibration:
+            needers.append(f"weight method {weights.method!r}")
+    return needers[0] if needers else None
+
+
+def needs_calibration(config: QuantConfig) -> bool:
+    """Whether :func:`quantize_` needs ``calibrate=`` for ``config`` (a calibrated activation mode or
+    weight method, in the config itself or in one of its overrides).
+
+    Raises:
+        ValueError: on an unknown weight method or activation mode.
+    """
+    return _calibration_needer(config) is not None
+
+
+def _method_groups(configs: dict[str, LayerQuant]) -> list[tuple[_Method, list[str]]]:
+    """Layers grouped by weight method; uncalibrated methods (final weights) run first, so a calibrated
+    method sees the other layers at their final weights."""
+    groups: dict[str, list[str]] = {}
+    for name, settings in configs.items():
+        groups.setdefault(settings.weights.method, []).append(name)
+    ordered = sorted(groups.items(), key=lambda item: _weight_method(item[0]).needs_calibration)
+    return [(_weight_method(method), names) for method, names in ordered]
 
 
 def attach_default_noise_context(model: nn.Module, schedule: Any = None) -> None:
@@ -177,17 +226,25 @@ def attach_default_noise_context(model: nn.Module, schedule: Any = None) -> None
         attach_noise_context(model, schedule)
 
 
-def _check_group_size(layers: dict[str, nn.Module], config: QuantConfig) -> None:
-    group = config.weights.group_size if config.weights.granularity == "group" else None
-    if config.weights.format != "int" or group is None or config.weights.fallback_granularity:
-        return
-    bad = {name: layer.weight[0].numel() for name, layer in layers.items() if layer.weight[0].numel() % group}
+def _check_group_size(layers: dict[str, nn.Module], configs: dict[str, LayerQuant]) -> None:
+    bad: dict[int, dict[str, int]] = {}  # group size -> {layer: flattened input size}
+    for name, layer in layers.items():
+        weights = configs[name].weights
+        if weights.format != "int" or weights.granularity != "group" or weights.fallback_granularity:
+            continue
+        if layer.weight[0].numel() % weights.group_size:
+            bad.setdefault(weights.group_size, {})[name] = layer.weight[0].numel()
     if bad:
-        listed = ", ".join(f"{name} ({size})" for name, size in list(bad.items())[:6])
+        problems = "; ".join(
+            f"group_size {group} does not divide the flattened input size of {len(sizes)} layer(s): "
+            + ", ".join(f"{name} ({size})" for name, size in list(sizes.items())[:6])
+            + (" ..." if len(sizes) > 6 else "")
+            for group, sizes in bad.items()
+        )
         raise ValueError(
-            f"group_size {group} does not divide the flattened input size of {len(bad)} layer(s): {listed}"
-            f"{' ...' if len(bad) > 6 else ''}. Choose a group size that divides them, keep those layers out "
-            "with QuantConfig.exclude, or set WeightQuantConfig(fallback_granularity='channel')."
+            f"{problems}. Choose a group size that divides them, keep those layers out with "
+            "QuantConfig.exclude, give them another config with QuantConfig.overrides, or set "
+            "WeightQuantConfig(fallback_granularity='channel')."
         )
 
 

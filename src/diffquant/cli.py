@@ -8,7 +8,18 @@ import re
 import sys
 from pathlib import Path
 
-from diffquant.config import ActivationQuantConfig, QuantConfig, WeightQuantConfig
+import diffquant.nn  # registers every activation mode
+import diffquant.ptq.methods  # noqa: F401  (registers the calibrated weight methods)
+from diffquant.api import needs_calibration, weight_methods
+from diffquant.config import (
+    GRANULARITIES,
+    RANGE_METHODS,
+    SEQUENTIAL_MODES,
+    ActivationQuantConfig,
+    QuantConfig,
+    WeightQuantConfig,
+)
+from diffquant.nn.act_quant import ActivationQuantizer
 
 
 def _weight_config(args: argparse.Namespace) -> WeightQuantConfig:
@@ -34,6 +45,10 @@ def _activation_config(spec: str) -> ActivationQuantConfig | None:
     if not bits.startswith("int") or not bits[3:].isdigit() or not mode:
         raise ValueError(
             f"--activations {spec!r}: expected 'none' or INTn-MODE such as 'int8-static', 'int8-dynamic'."
+        )
+    if mode not in ActivationQuantizer.registry:
+        raise ValueError(
+            f"--activations {spec!r}: unknown mode {mode!r}; choose one of {_activation_modes()}."
         )
     return ActivationQuantConfig(bits=int(bits[3:]), mode=mode)
 
@@ -106,7 +121,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         calibrate = calibration_fn(DemoSettings())
     else:
         model = _load_diffusers_model(args.model, args.subfolder)
-        if (config.activations is not None and config.activations.mode != "dynamic") or args.method != "rtn":
+        if needs_calibration(config):
             raise ValueError(
                 "calibrated activations and weight methods need calibration samples, which the CLI can make "
                 "only for the digits model; use --activations none|int8-dynamic with --method rtn, or call "
@@ -126,6 +141,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"{description['architecture']} quantized as {config.label} ({len(description['layers'])} layers)")
     print(config.to_json())
     return 0
+
+
+def _activation_modes() -> list[str]:
+    return sorted(ActivationQuantizer.registry)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,21 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--subfolder", default=None, help="model subfolder inside a pipeline folder, e.g. unet"
     )
     quant.add_argument("--weights", default="int8", choices=[f"int{b}" for b in range(2, 9)] + ["nf4"])
-    quant.add_argument("--granularity", default="channel", choices=["tensor", "channel"])
+    quant.add_argument("--granularity", default="channel", choices=[g for g in GRANULARITIES if g != "group"])
     quant.add_argument(
         "--group-size", type=int, default=None, help="per-group weight scales (implies groups)"
     )
     quant.add_argument("--asymmetric", action="store_true", help="asymmetric weight range")
-    quant.add_argument("--range-method", default="minmax", choices=["minmax", "percentile", "mse"])
+    quant.add_argument("--range-method", default="minmax", choices=list(RANGE_METHODS))
     quant.add_argument("--block-size", type=int, default=64, help="NF4 block size")
     quant.add_argument(
         "--activations",
         default="none",
-        help="none or INTn-MODE with MODE static, dynamic, step_table, tdq, logsnr (e.g. int8-static, int4-logsnr)",
+        help=f"none or INTn-MODE with MODE one of {', '.join(_activation_modes())} (e.g. int8-static)",
     )
-    quant.add_argument("--method", default="rtn", choices=["rtn", "gptq", "qronos"], help="weight method")
+    quant.add_argument("--method", default="rtn", choices=list(weight_methods()), help="weight method")
     quant.add_argument(
-        "--sequential", default="block", choices=["block", "layer", "off"], help="GPTQ/Qronos mode"
+        "--sequential", default="block", choices=list(SEQUENTIAL_MODES), help="GPTQ/Qronos mode"
     )
     quant.add_argument("--exclude", nargs="*", default=[], help="regexes of layers to keep in float")
     quant.add_argument("--cache-dir", default=None, help="digits model cache")

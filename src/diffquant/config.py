@@ -23,7 +23,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
+"""Version of :class:`QuantConfig`'s schema. Version 2 added ``overrides``; version 1 configs (which have
+none) still load and are read as version 2."""
+READABLE_VERSIONS = (1, 2)
+INHERIT = "inherit"
+"""``LayerOverride.activations`` value meaning "as ``QuantConfig.activations``" (the default)."""
 WEIGHT_FORMATS = ("int", "nf4")
 GRANULARITIES = ("tensor", "channel", "group")
 RANGE_METHODS = ("minmax", "percentile", "mse")
@@ -44,7 +49,10 @@ def _check_int_bits(bits: Any, what: str) -> None:
 
 
 class _JsonConfig:
-    """Mixin: JSON round trip for (nested) config dataclasses."""
+    """Mixin: JSON round trip for (nested) config dataclasses.
+
+    ``_nested`` maps a field name to the config class of its value, or of each item of its tuple.
+    """
 
     _nested: ClassVar[dict[str, type]] = {}
 
@@ -56,7 +64,7 @@ class _JsonConfig:
             if isinstance(value, _JsonConfig):
                 value = value.to_dict()
             elif isinstance(value, tuple):
-                value = list(value)
+                value = [v.to_dict() if isinstance(v, _JsonConfig) else v for v in value]
             out[f.name] = value
         return out
 
@@ -78,7 +86,7 @@ class _JsonConfig:
             if nested is not None and isinstance(value, dict):
                 value = nested.from_dict(value)
             elif isinstance(value, list):
-                value = tuple(value)
+                value = tuple(nested.from_dict(v) if nested and isinstance(v, dict) else v for v in value)
             kwargs[key] = value
         return cls(**kwargs)
 
@@ -261,6 +269,80 @@ class CalibrationConfig(_JsonConfig):
                 )
 
 
+def _check_regex(what: str, pattern: Any) -> None:
+    if not isinstance(pattern, str):
+        raise TypeError(f"{what} must be a regex string, got {pattern!r}.")
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"{what} {pattern!r} is not a valid regex: {err}") from err
+
+
+@dataclass(frozen=True)
+class LayerOverride(_JsonConfig):
+    """Other settings for the layers whose names match ``pattern`` (one entry of
+    ``QuantConfig.overrides``; the first matching entry wins).
+
+    Args:
+        pattern: regex, ``re.fullmatch`` on names from ``model.named_modules()``.
+        weights: these layers' weight config; ``None`` keeps ``QuantConfig.weights``.
+        activations: these layers' input config; ``None`` leaves their inputs unquantized
+            (weight-only); :data:`INHERIT` (the default) keeps ``QuantConfig.activations``.
+        keep_fp: keep these layers in full precision (``weights`` / ``activations`` then stay unset).
+
+    A matching override decides its layers ahead of ``keep_fp`` and the architecture's defaults, so
+    an override can quantize a layer that would otherwise stay in float; ``exclude`` still wins.
+
+    Raises:
+        ValueError: on an invalid regex, an override that sets nothing, or ``keep_fp=True`` together
+            with ``weights`` / ``activations``.
+        TypeError: on a value of the wrong type.
+
+    Example:
+        >>> w8a8 = LayerOverride(r"conv_(in|out)", weights=WeightQuantConfig(bits=8),
+        ...                      activations=ActivationQuantConfig(bits=8))
+        >>> LayerOverride.from_dict(w8a8.to_dict()) == w8a8
+        True
+    """
+
+    pattern: str
+    weights: WeightQuantConfig | None = None
+    activations: ActivationQuantConfig | str | None = INHERIT
+    keep_fp: bool = False
+
+    _nested: ClassVar[dict[str, type]] = {"weights": WeightQuantConfig, "activations": ActivationQuantConfig}
+
+    def __post_init__(self) -> None:
+        _check_regex("LayerOverride pattern", self.pattern)
+        if not self.pattern:
+            raise ValueError("LayerOverride pattern is empty; give the regex of the layers it applies to.")
+        if self.weights is not None and not isinstance(self.weights, WeightQuantConfig):
+            raise TypeError(
+                f"LayerOverride.weights must be a WeightQuantConfig or None, got {self.weights!r}."
+            )
+        if not (
+            self.activations is None
+            or self.activations == INHERIT
+            or isinstance(self.activations, ActivationQuantConfig)
+        ):
+            raise TypeError(
+                "LayerOverride.activations must be an ActivationQuantConfig, None (unquantized inputs) or "
+                f"INHERIT, got {self.activations!r}."
+            )
+        if not isinstance(self.keep_fp, bool):
+            raise TypeError(f"LayerOverride.keep_fp must be True or False, got {self.keep_fp!r}.")
+        sets_config = self.weights is not None or self.activations != INHERIT
+        if self.keep_fp and sets_config:
+            raise ValueError(
+                f"LayerOverride({self.pattern!r}) keeps its layers in full precision and also sets a weight/"
+                "activation config; drop one of the two."
+            )
+        if not self.keep_fp and not sets_config:
+            raise ValueError(
+                f"LayerOverride({self.pattern!r}) changes nothing; set weights, activations or keep_fp=True."
+            )
+
+
 @dataclass(frozen=True)
 class QuantConfig(_JsonConfig):
     """Everything :func:`diffquant.quantize_` needs: weights × activations × targets.
@@ -273,11 +355,21 @@ class QuantConfig(_JsonConfig):
         exclude: regexes of layers never quantized.
         keep_fp: regexes of layers kept in full precision; ``None`` uses the architecture's
             defaults (first/last layers, timestep embedding — see :mod:`diffquant.models`).
+        overrides: per-layer settings (:class:`LayerOverride`), like torchao's per-module configs; the
+            first override whose pattern matches a layer decides its weights / activations (or keeps
+            it in full precision), ahead of ``keep_fp``. Each pattern must match a selected layer.
         calibration: which recorded denoiser calls calibrate activations and weights.
-        version: config schema version (checked on load).
+        version: config schema version (checked on load; version 1 configs load as version 2).
 
     Raises:
-        ValueError: on an invalid regex or an unsupported version.
+        ValueError: on an invalid regex, an unsupported version, or an override that changes
+            nothing (its settings equal the defaults) or repeats an earlier pattern.
+
+    Example:
+        >>> edges = LayerOverride(r"conv_(in|out)", weights=WeightQuantConfig(bits=8))
+        >>> cfg = QuantConfig(weights=WeightQuantConfig(bits=4), overrides=(edges,))
+        >>> QuantConfig.from_json(cfg.to_json()) == cfg
+        True
     """
 
     weights: WeightQuantConfig = field(default_factory=WeightQuantConfig)
@@ -285,21 +377,24 @@ class QuantConfig(_JsonConfig):
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     keep_fp: tuple[str, ...] | None = None
+    overrides: tuple[LayerOverride, ...] = ()
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     version: int = CONFIG_VERSION
 
     _nested: ClassVar[dict[str, type]] = {
         "weights": WeightQuantConfig,
         "activations": ActivationQuantConfig,
+        "overrides": LayerOverride,
         "calibration": CalibrationConfig,
     }
 
     def __post_init__(self) -> None:
-        if self.version != CONFIG_VERSION:
+        if self.version not in READABLE_VERSIONS:
             raise ValueError(
                 f"QuantConfig version {self.version} is not supported by this diffquant "
-                f"(expects {CONFIG_VERSION}); re-create the config or upgrade diffquant."
+                f"(reads {list(READABLE_VERSIONS)}); re-create the config or upgrade diffquant."
             )
+        object.__setattr__(self, "version", CONFIG_VERSION)  # version 1 differs only by having no overrides
         if not isinstance(self.weights, WeightQuantConfig):
             raise TypeError("QuantConfig.weights must be a WeightQuantConfig.")
         if self.activations is not None and not isinstance(self.activations, ActivationQuantConfig):
@@ -312,10 +407,34 @@ class QuantConfig(_JsonConfig):
                 raise TypeError(f"{name} must be a list/tuple of regexes, not a single string.")
             object.__setattr__(self, name, tuple(patterns))
             for pattern in patterns:
-                try:
-                    re.compile(pattern)
-                except re.error as err:
-                    raise ValueError(f"{name} pattern {pattern!r} is not a valid regex: {err}") from err
+                _check_regex(f"{name} pattern", pattern)
+        self._check_overrides()
+
+    def _check_overrides(self) -> None:
+        if isinstance(self.overrides, LayerOverride):
+            raise TypeError("overrides must be a list/tuple of LayerOverride, not a single LayerOverride.")
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+        seen: set[str] = set()
+        for override in self.overrides:
+            if not isinstance(override, LayerOverride):
+                raise TypeError(f"QuantConfig.overrides must hold LayerOverride objects, got {override!r}.")
+            if override.pattern in seen:
+                raise ValueError(
+                    f"override pattern {override.pattern!r} appears twice; the first one always wins, "
+                    "so drop the other."
+                )
+            seen.add(override.pattern)
+            same_weights = override.weights in (None, self.weights)
+            same_acts = override.activations == INHERIT or override.activations == self.activations
+            if not override.keep_fp and same_weights and same_acts:
+                raise ValueError(
+                    f"override {override.pattern!r} changes nothing: its settings equal QuantConfig's. "
+                    "Drop it, or give it the settings its layers should differ by."
+                )
+
+    def override_for(self, name: str) -> LayerOverride | None:
+        """The first override whose pattern fully matches the module name ``name``, or ``None``."""
+        return next((o for o in self.overrides if re.fullmatch(o.pattern, name)), None)
 
     @property
     def label(self) -> str:

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diffquant import __version__
+from diffquant._version import __version__
 from diffquant.api import attach_default_noise_context, quantized_layers
 from diffquant.config import QuantConfig
 from diffquant.nn.qmodules import _QuantLayer, quant_layer_class

@@ -1,20 +1,78 @@
-"""Which layers a :class:`~diffquant.config.QuantConfig` quantizes — targets are data, not code.
+"""Which layers a method quantizes, and with what — targets are data, not code.
 
-A layer is quantized when it is a Linear/Conv2d, matches an ``include`` regex (or ``include`` is
-empty), matches no ``exclude`` regex, and matches no ``keep_fp`` regex (the architecture's defaults
-when ``keep_fp`` is ``None``). Patterns use ``re.fullmatch`` on names from ``named_modules()``.
+Every method (``quantize_``, QAT, TuneQDM, QLISA) selects its layers here. A layer is a candidate
+when it is a Linear/Conv2d and matches an ``include`` regex (or ``include`` is empty). Then, in order:
+
+1. a layer matching an ``exclude`` regex stays in full precision;
+2. the first :class:`~diffquant.config.LayerOverride` whose pattern matches decides the layer: kept
+   in full precision (``keep_fp=True``) or quantized with the override's weights / activations;
+3. a layer matching a ``keep_fp`` regex (the architecture's defaults when ``keep_fp`` is ``None``)
+   stays in full precision;
+4. every other candidate is quantized with the config's own weights / activations.
+
+Patterns use ``re.fullmatch`` on names from ``named_modules()``.
+
+Example:
+    >>> from diffquant.models.tiny import tiny_unet2d
+    >>> targets = select_targets(tiny_unet2d(), LayerSelection())  # the architecture's defaults
+    >>> "conv_in" in targets.kept_fp
+    True
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
-from diffquant.config import QuantConfig
+from diffquant.config import INHERIT, ActivationQuantConfig, LayerOverride, QuantConfig, WeightQuantConfig
 from diffquant.models import get_arch_spec
 from diffquant.nn.qmodules import quant_layer_class
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """Which layers a method takes, for methods whose settings are not a :class:`QuantConfig`
+    (TuneQDM, QLISA); the fields mean what :class:`QuantConfig`'s fields of the same names mean.
+
+    Args:
+        include: regexes of the candidate layers (empty: every Linear/Conv2d).
+        exclude: regexes of layers never taken.
+        keep_fp: regexes of layers left in full precision; ``None`` uses the architecture's defaults.
+
+    Raises:
+        ValueError: on an invalid regex.
+        TypeError: on a single string instead of a list of regexes.
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    keep_fp: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("include", "exclude", "keep_fp"):
+            patterns = getattr(self, name)
+            if patterns is None:
+                continue
+            if isinstance(patterns, str):
+                raise TypeError(
+                    f"{name} must be a list/tuple of regexes, not the single string {patterns!r}."
+                )
+            object.__setattr__(self, name, tuple(patterns))
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ValueError(f"{name} pattern {pattern!r} is not a valid regex: {err}") from err
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """The effective settings of one quantized layer (its override applied)."""
+
+    weights: WeightQuantConfig
+    activations: ActivationQuantConfig | None
 
 
 @dataclass(frozen=True)
@@ -23,27 +81,23 @@ class Targets:
 
     Attributes:
         quantize: names of the layers to quantize, in module order.
-        kept_fp: quantizable layers left in full precision by ``keep_fp`` / ``exclude``.
+        kept_fp: candidate layers left in full precision (``exclude``, ``keep_fp``, or an override
+            with ``keep_fp=True``), in module order.
+        configs: each quantized layer's :class:`LayerQuant` by name (empty for a
+            :class:`LayerSelection`, which carries no quantization settings).
     """
 
     quantize: tuple[str, ...]
     kept_fp: tuple[str, ...]
+    configs: dict[str, LayerQuant] = field(default_factory=dict)
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(re.fullmatch(p, name) for p in patterns)
 
 
-def select_targets(model: nn.Module, config: QuantConfig) -> Targets:
-    """Resolve ``config``'s include / exclude / keep_fp patterns against ``model``.
-
-    Raises:
-        ValueError: if an ``include`` pattern matches no module, or matches only modules that
-            cannot be quantized (e.g. a GroupNorm), or if nothing at all is left to quantize.
-    """
-    modules = dict(model.named_modules())
-    keep_fp = config.keep_fp if config.keep_fp is not None else get_arch_spec(model).keep_fp
-    for pattern in config.include:
+def _check_include(model: nn.Module, modules: dict[str, nn.Module], include: tuple[str, ...]) -> None:
+    for pattern in include:
         hits = [n for n in modules if n and re.fullmatch(pattern, n)]
         if not hits:
             raise ValueError(
@@ -56,16 +110,60 @@ def select_targets(model: nn.Module, config: QuantConfig) -> Targets:
                 f"include pattern {pattern!r} matches only {', '.join(kinds)} module(s), which diffquant "
                 "cannot quantize; it quantizes nn.Linear and nn.Conv2d layers. Name those layers instead."
             )
-    quantize, kept = [], []
+
+
+def _layer_quant(config: QuantConfig, override: LayerOverride | None) -> LayerQuant:
+    if override is None:
+        return LayerQuant(config.weights, config.activations)
+    activations = config.activations if override.activations == INHERIT else override.activations
+    return LayerQuant(override.weights or config.weights, activations)
+
+
+def select_targets(model: nn.Module, config: QuantConfig | LayerSelection) -> Targets:
+    """Resolve ``config``'s include / exclude / overrides / keep_fp against ``model`` (see the module
+    docstring for the order of the rules).
+
+    Args:
+        model: the float model.
+        config: a :class:`QuantConfig` (each quantized layer's settings are resolved too) or a
+            :class:`LayerSelection`.
+
+    Raises:
+        ValueError: if an ``include`` pattern matches no module, or matches only modules that
+            cannot be quantized (e.g. a GroupNorm); if an override pattern matches no candidate
+            layer left by include / exclude; or if nothing at all is left to quantize.
+    """
+    modules = dict(model.named_modules())
+    keep_fp = config.keep_fp if config.keep_fp is not None else get_arch_spec(model).keep_fp
+    overrides = config.overrides if isinstance(config, QuantConfig) else ()
+    _check_include(model, modules, config.include)
+    quantize, kept, configs, used = [], [], {}, set()
     for name, module in modules.items():
-        if quant_layer_class(module) is None:
+        if quant_layer_class(module) is None or (config.include and not _matches(name, config.include)):
             continue
-        if config.include and not _matches(name, config.include):
+        if _matches(name, config.exclude):
+            kept.append(name)
             continue
-        (kept if _matches(name, config.exclude) or _matches(name, keep_fp) else quantize).append(name)
+        override = config.override_for(name) if overrides else None
+        if override is not None:
+            used.add(override.pattern)
+        if override.keep_fp if override is not None else _matches(name, keep_fp):
+            kept.append(name)
+            continue
+        quantize.append(name)
+        if isinstance(config, QuantConfig):
+            configs[name] = _layer_quant(config, override)
+    unused = [o.pattern for o in overrides if o.pattern not in used]
+    if unused:
+        raise ValueError(
+            f"override pattern(s) {unused} match no Linear/Conv2d layer of {type(model).__name__} left by "
+            f"include={list(config.include)} / exclude={list(config.exclude)} (or an earlier override "
+            f"matches those layers first); layer names look like {[n for n in quantize + kept][:5]} "
+            "(patterns use re.fullmatch)."
+        )
     if not quantize:
         raise ValueError(
             f"no Linear/Conv2d layer of {type(model).__name__} is left to quantize "
             f"(include={list(config.include)}, exclude={list(config.exclude)}, keep_fp={list(keep_fp)})."
         )
-    return Targets(tuple(quantize), tuple(kept))
+    return Targets(tuple(quantize), tuple(kept), configs)

@@ -7,6 +7,7 @@ from diffquant.api import quantized_layers
 from diffquant.models.tiny import example_inputs, scheduler_for_tests, tiny_unet2d
 from diffquant.nn import QuantLinear
 from diffquant.ptq.calibration import record_denoiser_calls
+from diffquant.ptq.paths import calibrating
 from diffquant.ptq.sequential import calibration_groups, execution_order
 
 
@@ -118,12 +119,14 @@ def test_layer_groups_follow_execution_order_not_registration_order():
 
     model = Swapped()
     calls = record_denoiser_calls(model, lambda m: m(torch.randn(2, 4)))
+    float_weights = {}
     for name in ("late", "early"):
         layer = QuantLinear.from_float(model.get_submodule(name), WeightQuantConfig())
-        layer.float_weight = model.get_submodule(name).weight.detach()
+        float_weights[layer] = model.get_submodule(name).weight
         model.set_submodule(name, layer)
     layers = {"late": model.late, "early": model.early}
-    assert execution_order(model, layers, calls[0]) == ["early", "late"]
+    with calibrating(float_weights):
+        assert execution_order(model, layers, calls[0]) == ["early", "late"]
 
 
 def test_merged_calls_concatenate_batched_arguments_only():

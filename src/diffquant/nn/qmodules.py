@@ -2,11 +2,12 @@
 
 The forward pass is the readable reference path: fake-quantize the input, dequantize the packed
 weight to the input's dtype, call the float op. Integer kernels (planned) must agree with this path.
+A deployed layer holds no calibration state: while quantizing, :mod:`diffquant.ptq.paths` keeps the
+float weights and calibration switches in a side table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,12 +30,6 @@ class _QuantLayer(nn.Module):
         self.qweight = qweight
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.input_quant = input_quant
-        # Calibration only (never saved): the original float weight and switches to run the layer
-        # with it and/or with unquantized inputs. See diffquant.ptq.paths.
-        self.float_weight: Tensor | None = None
-        self.use_float_weight = False
-        self.quantize_inputs = True
-        self.input_observer: Callable[[Tensor], None] | None = None  # sees what the weight multiplies
 
     @property
     def weight(self) -> Tensor:
@@ -43,18 +38,9 @@ class _QuantLayer(nn.Module):
         return self.qweight.dequantize(dtype)
 
     def _quantize_input(self, x: Tensor) -> Tensor:
-        x = self.input_quant(x) if self.input_quant is not None and self.quantize_inputs else x
-        if self.input_observer is not None:
-            self.input_observer(x)
-        return x
+        return self.input_quant(x) if self.input_quant is not None else x
 
     def _weight_for(self, x: Tensor) -> Tensor:
-        if self.use_float_weight:
-            if self.float_weight is None:
-                raise RuntimeError(
-                    "this layer holds no float weight; the float path exists only while quantizing."
-                )
-            return self.float_weight.to(x.dtype)
         return self.qweight.dequantize(x.dtype)
 
     def meta(self) -> dict[str, Any]:

@@ -17,11 +17,12 @@ from typing import Any
 from torch import nn
 
 from diffquant.api import register_weight_method
-from diffquant.config import QuantConfig
+from diffquant.config import WeightQuantConfig
 from diffquant.nn.packed import IntPackedWeight
 from diffquant.ptq.calibration import DenoiserCall
 from diffquant.ptq.gptq import QuantResult, gptq_quantize
 from diffquant.ptq.hessian import InputStatistics, condition_number
+from diffquant.ptq.paths import float_weight_of
 from diffquant.ptq.qronos import qronos_quantize
 from diffquant.ptq.sequential import calibrate_sequentially
 
@@ -32,9 +33,12 @@ ILL_CONDITIONED = 1e7
 DAMPING_BOOST = 10.0
 
 
-def _solve_layer(algorithm: str, name: str, layer: nn.Module, stats: InputStatistics, config: QuantConfig):
-    W = layer.float_weight.reshape(layer.float_weight.shape[0], -1).float()  # (out, in*kh*kw)
-    cfg = config.weights.for_layer(W.shape[1])
+def _solve_layer(
+    algorithm: str, name: str, layer: nn.Module, stats: InputStatistics, config: WeightQuantConfig
+):
+    float_weight = float_weight_of(layer)
+    W = float_weight.reshape(float_weight.shape[0], -1).float()  # (out, in*kh*kw)
+    cfg = config.for_layer(W.shape[1])
     H = stats.H.to(W.device)
     cond = condition_number(H)
     damping = cfg.damping * (DAMPING_BOOST if cond > ILL_CONDITIONED else 1.0)
@@ -64,16 +68,27 @@ def _solve_layer(algorithm: str, name: str, layer: nn.Module, stats: InputStatis
 
 def _second_order(algorithm: str):
     def method(
-        model: nn.Module, layers: dict[str, nn.Module], config: QuantConfig, calls: list[DenoiserCall]
+        model: nn.Module,
+        layers: dict[str, nn.Module],
+        configs: dict[str, WeightQuantConfig],
+        calls: list[DenoiserCall],
     ):
-        if config.weights.format != "int":
+        not_int = sorted(n for n in layers if configs[n].format != "int")
+        if not_int:
             raise ValueError(
-                f"weight method {algorithm!r} quantizes INT weights; use method='rtn' for format='nf4'."
+                f"weight method {algorithm!r} quantizes INT weights, but {not_int[:3]} are "
+                f"{configs[not_int[0]].format}; use method='rtn' for format='nf4'."
+            )
+        modes = sorted({configs[n].sequential for n in layers})
+        if len(modes) > 1:
+            raise ValueError(
+                f"the layers quantized with {algorithm!r} ask for different sequential modes {modes}; "
+                "one calibration pass serves them all, so give them the same WeightQuantConfig.sequential."
             )
         solvable = {n: m for n, m in layers.items() if getattr(m, "groups", 1) == 1}
         report: dict[str, Any] = {
             "method": algorithm,
-            "sequential": config.weights.sequential,
+            "sequential": modes[0],
             "calls": len(calls),
             "layers": {n: {"method": "rtn (grouped conv)"} for n in layers if n not in solvable},
         }
@@ -83,7 +98,7 @@ def _second_order(algorithm: str):
         def solve(name: str, layer: nn.Module, stats: InputStatistics) -> None:
             report["layers"][name] = {
                 "method": algorithm,
-                **_solve_layer(algorithm, name, layer, stats, config),
+                **_solve_layer(algorithm, name, layer, stats, configs[name]),
             }
 
         start = time.perf_counter()
@@ -92,7 +107,7 @@ def _second_order(algorithm: str):
             solvable,
             calls,
             solve,
-            sequential=config.weights.sequential,
+            sequential=modes[0],
             need_float_inputs=algorithm == "qronos",
         )
         report["seconds"] = time.perf_counter() - start

@@ -33,7 +33,7 @@ from diffquant.models import get_arch_spec
 from diffquant.noise import NoiseLevel, current_noise_level, noise_level
 from diffquant.ptq.calibration import DenoiserCall, map_tensors, replay
 from diffquant.ptq.hessian import InputStatistics, unfold_conv_input
-from diffquant.ptq.paths import layer_paths, observe_weight_inputs
+from diffquant.ptq.paths import layer_paths, layers_under_calibration, observe_weight_inputs
 
 Solver = Callable[[str, nn.Module, InputStatistics], None]
 """``solve(name, layer, statistics)``: set ``layer.qweight`` from the statistics."""
@@ -170,9 +170,11 @@ def calibrate_sequentially(
     """Calibrate ``layers`` group by group with ``solve``; see the module docstring.
 
     Args:
-        model: the model being quantized (its targeted layers are quantized layers holding their
-            float weights).
-        layers: the quantized layers to calibrate, by name.
+        model: the model being quantized (its targeted layers are quantized layers under
+            :func:`~diffquant.ptq.paths.calibrating`).
+        layers: the quantized layers to calibrate, by name. Other layers under calibration (those
+            of other weight methods) compute with their float weights on the float path and their
+            current quantized weights on the quantized path.
         calls: recorded denoiser calls to replay.
         solve: sets each layer's packed weight from its statistics.
         sequential: ``"block"``, ``"layer"`` or ``"off"`` (see the module docstring).
@@ -182,14 +184,15 @@ def calibrate_sequentially(
     Raises:
         ValueError: if a layer saw no calibration data.
     """
-    everything = list(layers.values())
+    everything = layers_under_calibration(model)  # ``layers`` and those other methods quantize
     float_path = partial(layer_paths, everything, float_weight=True, quantize_inputs=False)
     done: list[nn.Module] = []
 
-    def quant_path():  # solved layers quantized; the others float weights behind quantized inputs
+    def quant_path():  # unsolved layers: float weights behind quantized inputs; the others quantized
         stack = ExitStack()
-        stack.enter_context(layer_paths(everything, float_weight=True, quantize_inputs=True))
-        stack.enter_context(layer_paths(done, float_weight=False, quantize_inputs=True))
+        stack.enter_context(layer_paths(everything, float_weight=False, quantize_inputs=True))
+        pending = [layer for layer in layers.values() if layer not in done]
+        stack.enter_context(layer_paths(pending, float_weight=True, quantize_inputs=True))
         return stack
 
     order = execution_order(model, layers, calls[0]) if sequential == "layer" else list(layers)

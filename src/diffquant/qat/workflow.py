@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from diffquant.config import QuantConfig
+from diffquant.config import QuantConfig, WeightQuantConfig
 from diffquant.finetune.common import fit_denoiser, require_trainable
 from diffquant.nn.qmodules import is_quantized_layer
 from diffquant.qat.modules import is_qat_layer, qat_layer_class
@@ -35,14 +35,18 @@ def qat_layers(model: nn.Module) -> dict[str, nn.Module]:
 def _check_config(config: QuantConfig) -> None:
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a diffquant.QuantConfig, got {type(config).__name__}.")
-    if config.weights.format != "int":
+    _check_weights(config.weights)
+
+
+def _check_weights(weights: WeightQuantConfig) -> None:
+    if weights.format != "int":
         raise ValueError(
-            f"QAT trains affine INT weights, got format={config.weights.format!r}; use "
+            f"QAT trains affine INT weights, got format={weights.format!r}; use "
             "WeightQuantConfig(format='int', bits=2..8) (NF4 is a post-training format: use quantize_)."
         )
-    if config.weights.method != "rtn":
+    if weights.method != "rtn":
         raise ValueError(
-            f"QAT learns round-to-nearest weights, got method={config.weights.method!r}; calibrated "
+            f"QAT learns round-to-nearest weights, got method={weights.method!r}; calibrated "
             "methods such as GPTQ are post-training (diffquant.quantize_). Use method='rtn'."
         )
 
@@ -103,13 +107,15 @@ def prepare_qat(
             "e.g. nn.Sequential(layer)."
         )
     targets = select_targets(model, config)
+    for settings in targets.configs.values():  # overrides may give layers other weight configs
+        _check_weights(settings.weights)
     swapped = {}
     for name in targets.quantize:  # build every layer first: a failure leaves the model unchanged
-        layer = model.get_submodule(name)
+        layer, settings = model.get_submodule(name), targets.configs[name]
         swapped[name] = qat_layer_class(layer).from_float(
             layer,
-            config.weights,
-            config.activations,
+            settings.weights,
+            settings.activations,
             weight_range=weight_range,
             act_range=act_range,
             averaging_constant=averaging_constant,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from diffquant.quant.affine import fake_quantize, int_range, qparams_from_range
+from diffquant.quant.primitives import fake_quantize, int_range, qparams_from_range
 
 
 def minmax_range(
