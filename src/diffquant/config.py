@@ -362,8 +362,9 @@ class QuantConfig(_JsonConfig):
         version: config schema version (checked on load; version 1 configs load as version 2).
 
     Raises:
-        ValueError: on an invalid regex, an unsupported version, or an override that changes
-            nothing (its settings equal the defaults) or repeats an earlier pattern.
+        ValueError: on an invalid regex, an unsupported version, or an override that repeats an
+            earlier pattern. (An override that changes nothing for the layers it matches is reported
+            by :func:`diffquant.targeting.select_targets`, which knows the layers.)
 
     Example:
         >>> edges = LayerOverride(r"conv_(in|out)", weights=WeightQuantConfig(bits=8))
@@ -424,13 +425,6 @@ class QuantConfig(_JsonConfig):
                     "so drop the other."
                 )
             seen.add(override.pattern)
-            same_weights = override.weights in (None, self.weights)
-            same_acts = override.activations == INHERIT or override.activations == self.activations
-            if not override.keep_fp and same_weights and same_acts:
-                raise ValueError(
-                    f"override {override.pattern!r} changes nothing: its settings equal QuantConfig's. "
-                    "Drop it, or give it the settings its layers should differ by."
-                )
 
     def override_for(self, name: str) -> LayerOverride | None:
         """The first override whose pattern fully matches the module name ``name``, or ``None``."""

@@ -112,9 +112,14 @@ def _check_include(model: nn.Module, modules: dict[str, nn.Module], include: tup
             )
 
 
-def _layer_quant(config: QuantConfig, override: LayerOverride | None) -> LayerQuant:
+def _outcome(
+    config: QuantConfig, name: str, keep_fp: tuple[str, ...], override: LayerOverride | None
+) -> LayerQuant | None:
+    """A candidate layer's settings, or ``None`` when it stays in full precision (rules 2-4)."""
     if override is None:
-        return LayerQuant(config.weights, config.activations)
+        return None if _matches(name, keep_fp) else LayerQuant(config.weights, config.activations)
+    if override.keep_fp:
+        return None
     activations = config.activations if override.activations == INHERIT else override.activations
     return LayerQuant(override.weights or config.weights, activations)
 
@@ -131,39 +136,58 @@ def select_targets(model: nn.Module, config: QuantConfig | LayerSelection) -> Ta
     Raises:
         ValueError: if an ``include`` pattern matches no module, or matches only modules that
             cannot be quantized (e.g. a GroupNorm); if an override pattern matches no candidate
-            layer left by include / exclude; or if nothing at all is left to quantize.
+            layer left by include / exclude, or changes nothing for the layers it matches; or if
+            nothing at all is left to quantize.
     """
     modules = dict(model.named_modules())
     keep_fp = config.keep_fp if config.keep_fp is not None else get_arch_spec(model).keep_fp
-    overrides = config.overrides if isinstance(config, QuantConfig) else ()
     _check_include(model, modules, config.include)
-    quantize, kept, configs, used = [], [], {}, set()
-    for name, module in modules.items():
-        if quant_layer_class(module) is None or (config.include and not _matches(name, config.include)):
+    candidates = [
+        name
+        for name, module in modules.items()
+        if quant_layer_class(module) is not None and (not config.include or _matches(name, config.include))
+    ]
+    excluded = {name for name in candidates if _matches(name, config.exclude)}
+    if isinstance(config, LayerSelection):
+        quantize = [n for n in candidates if n not in excluded and not _matches(n, keep_fp)]
+        _check_not_empty(model, config, keep_fp, quantize)
+        chosen = set(quantize)
+        return Targets(tuple(quantize), tuple(n for n in candidates if n not in chosen))
+    configs: dict[str, LayerQuant] = {}
+    changes: dict[str, bool] = {}  # override pattern -> whether it changed some layer's outcome
+    for name in candidates:
+        if name in excluded:
             continue
-        if _matches(name, config.exclude):
-            kept.append(name)
-            continue
-        override = config.override_for(name) if overrides else None
+        override = config.override_for(name)
+        outcome = _outcome(config, name, keep_fp, override)
         if override is not None:
-            used.add(override.pattern)
-        if override.keep_fp if override is not None else _matches(name, keep_fp):
-            kept.append(name)
-            continue
-        quantize.append(name)
-        if isinstance(config, QuantConfig):
-            configs[name] = _layer_quant(config, override)
-    unused = [o.pattern for o in overrides if o.pattern not in used]
+            changed = outcome != _outcome(config, name, keep_fp, None)
+            changes[override.pattern] = changes.get(override.pattern, False) or changed
+        if outcome is not None:
+            configs[name] = outcome
+    unused = [o.pattern for o in config.overrides if o.pattern not in changes]
     if unused:
         raise ValueError(
             f"override pattern(s) {unused} match no Linear/Conv2d layer of {type(model).__name__} left by "
             f"include={list(config.include)} / exclude={list(config.exclude)} (or an earlier override "
-            f"matches those layers first); layer names look like {[n for n in quantize + kept][:5]} "
-            "(patterns use re.fullmatch)."
+            f"matches those layers first); layer names look like {candidates[:5]} (patterns use re.fullmatch)."
         )
+    idle = [pattern for pattern, changed in changes.items() if not changed]
+    if idle:
+        raise ValueError(
+            f"override pattern(s) {idle} change nothing: the layers they match would get the same settings "
+            "without them. Drop them, or give them the settings those layers should differ by."
+        )
+    quantize = [n for n in candidates if n in configs]
+    _check_not_empty(model, config, keep_fp, quantize)
+    return Targets(tuple(quantize), tuple(n for n in candidates if n not in configs), configs)
+
+
+def _check_not_empty(
+    model: nn.Module, config: QuantConfig | LayerSelection, keep_fp: tuple[str, ...], quantize: list[str]
+) -> None:
     if not quantize:
         raise ValueError(
             f"no Linear/Conv2d layer of {type(model).__name__} is left to quantize "
             f"(include={list(config.include)}, exclude={list(config.exclude)}, keep_fp={list(keep_fp)})."
         )
-    return Targets(tuple(quantize), tuple(kept), configs)

@@ -23,26 +23,29 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from diffquant.api import quantize_
-from diffquant.config import ActivationQuantConfig, CalibrationConfig, QuantConfig, WeightQuantConfig
+from diffquant.config import (
+    INHERIT,
+    ActivationQuantConfig,
+    CalibrationConfig,
+    LayerOverride,
+    QuantConfig,
+    WeightQuantConfig,
+)
 from diffquant.efficientdm.qalora import apply_qalora, merge_qalora
 from diffquant.efficientdm.scale_aware import scale_aware_param_groups
 from diffquant.efficientdm.talsq import enable_talsq
 from diffquant.finetune.common import fit_denoiser
 from diffquant.finetune.distill import distill
 from diffquant.nn.qmodules import quant_layer_class
-from diffquant.ptq.calibration import record_denoiser_calls, replay
 
 EDGE_BITS = 8
 """Bit-width of the first and last layers' weights and inputs (EfficientDM keeps them at W8A8)."""
-
-_REPLAY_ONLY = CalibrationConfig(num_steps=None, samples_per_step=None, merge_batch=None)
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,24 @@ def first_last_layers(model: nn.Module) -> tuple[str, str]:
     return names[0], names[-1]
 
 
+def edge_layer_override(config: QuantConfig, edge_layers: tuple[str, ...]) -> LayerOverride:
+    """The override that gives ``edge_layers`` EfficientDM's W8A8: 8-bit per-channel weights (the
+    rest of ``config.weights`` kept) and 8-bit inputs of ``config``'s activation mode (unquantized
+    inputs stay unquantized).
+
+    Example:
+        >>> cfg = QuantConfig(weights=WeightQuantConfig(bits=4))
+        >>> edge_layer_override(cfg, ("conv_in", "conv_out")).pattern
+        'conv_in|conv_out'
+    """
+    acts = config.activations
+    return LayerOverride(
+        pattern="|".join(re.escape(name) for name in edge_layers),
+        weights=dataclasses.replace(config.weights, bits=EDGE_BITS, granularity="channel", group_size=None),
+        activations=dataclasses.replace(acts, bits=EDGE_BITS) if acts is not None else INHERIT,
+    )
+
+
 def efficientdm_quantize_(
     model: nn.Module,
     config: QuantConfig,
@@ -188,9 +209,9 @@ def efficientdm_quantize_(
 ) -> nn.Module:
     """PTQ with EfficientDM's layer precisions: ``edge_layers`` at W8A8, the rest as ``config`` says.
 
-    The float model's calibration run is recorded once and replayed for both precisions. Layers the
-    architecture keeps in full precision (timestep embedding; see :mod:`diffquant.models`) stay so,
-    except the edge layers.
+    One :func:`diffquant.quantize_` call with :func:`edge_layer_override` placed first in
+    ``config.overrides``. Layers the architecture keeps in full precision (timestep embedding; see
+    :mod:`diffquant.models`) stay so, except the edge layers (an override beats ``keep_fp``).
 
     Args:
         model: the float model (quantized in place).
@@ -203,7 +224,8 @@ def efficientdm_quantize_(
         progress: progress bars.
 
     Returns:
-        ``model``; ``model.diffquant_config`` is ``config`` with the edge layers excluded.
+        ``model``; ``model.diffquant_config`` is the config used (``config`` with the edge override
+        and the ``calibration`` given).
 
     Raises:
         ValueError: as :func:`diffquant.quantize_` (e.g. calibration needed but no ``calibrate``).
@@ -214,34 +236,12 @@ def efficientdm_quantize_(
         >>> efficientdm_quantize_(unet, cfg, calibrate=run_sampler, schedule=scheduler)  # doctest: +SKIP
     """
     edge_layers = tuple(edge_layers) if edge_layers is not None else first_last_layers(model)
-    replayed = None
-    if calibrate is not None:
-        calls = record_denoiser_calls(model, calibrate, calibration or config.calibration)
-        replayed = partial(replay, calls=calls)
-    acts = config.activations
-    edge_config = QuantConfig(
-        weights=dataclasses.replace(config.weights, bits=EDGE_BITS, granularity="channel", group_size=None),
-        activations=dataclasses.replace(acts, bits=EDGE_BITS) if acts is not None else None,
-        include=tuple(re.escape(name) for name in edge_layers),
-        keep_fp=(),
-        calibration=_REPLAY_ONLY,
+    config = dataclasses.replace(
+        config,
+        overrides=(edge_layer_override(config, edge_layers), *config.overrides),
+        calibration=calibration or config.calibration,
     )
-    originals = {name: model.get_submodule(name) for name in edge_layers}
-    quantize_(model, edge_config, calibrate=replayed, schedule=schedule, progress=progress)
-    edges = {name: model.get_submodule(name) for name in edge_layers}
-    for name, layer in originals.items():  # float again while the other layers are quantized
-        model.set_submodule(name, layer)
-    model.diffquant_config = None
-    main_config = dataclasses.replace(
-        config, exclude=(*config.exclude, *edge_config.include), calibration=_REPLAY_ONLY
-    )
-    quantize_(
-        model, main_config, calibrate=replayed, schedule=schedule, progress=progress
-    )  # float on failure
-    for name, layer in edges.items():
-        model.set_submodule(name, layer)
-    model.diffquant_config = dataclasses.replace(main_config, calibration=config.calibration)
-    return model
+    return quantize_(model, config, calibrate=calibrate, schedule=schedule, progress=progress)
 
 
 def ptq_start(
