@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffquant.config import INHERIT, ActivationQuantConfig, QuantConfig, WeightQuantConfig
+from diffquant.layer_swap import replace_layers
 from diffquant.models import get_arch_spec
 from diffquant.nn.act_quant import ActivationQuantizer
 from diffquant.nn.packed import PackedWeight
@@ -133,11 +134,13 @@ def quantize_(
     if calibrated is not None:
         calls = record_denoiser_calls(model, calibrate, config.calibration)
 
-    layers = {}
-    for name in tqdm(targets.quantize, desc="quantize", disable=not progress, leave=False):
-        layer, settings = originals[name], targets.configs[name]
-        layers[name] = quant_layer_class(layer).from_float(layer, settings.weights, settings.activations)
-        model.set_submodule(name, layers[name].to(layer.weight.device))
+    def build(name: str, layer: nn.Module) -> nn.Module:
+        settings = targets.configs[name]
+        quantized = quant_layer_class(layer).from_float(layer, settings.weights, settings.activations)
+        return quantized.to(layer.weight.device)
+
+    names = tqdm(targets.quantize, desc="quantize", disable=not progress, leave=False)
+    layers = replace_layers(model, names, build)
     try:
         with calibrating({layers[name]: originals[name].weight for name in layers}):
             if any(

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from diffquant.config import QuantConfig, WeightQuantConfig
 from diffquant.finetune.common import fit_denoiser, require_trainable
+from diffquant.layer_swap import replace_layers
 from diffquant.nn.qmodules import is_quantized_layer
 from diffquant.qat.modules import is_qat_layer, qat_layer_class
 from diffquant.targeting import select_targets
@@ -109,10 +110,10 @@ def prepare_qat(
     targets = select_targets(model, config)
     for settings in targets.configs.values():  # overrides may give layers other weight configs
         _check_weights(settings.weights)
-    swapped = {}
-    for name in targets.quantize:  # build every layer first: a failure leaves the model unchanged
-        layer, settings = model.get_submodule(name), targets.configs[name]
-        swapped[name] = qat_layer_class(layer).from_float(
+
+    def build(name: str, layer: nn.Module) -> nn.Module:
+        settings = targets.configs[name]
+        return qat_layer_class(layer).from_float(
             layer,
             settings.weights,
             settings.activations,
@@ -120,8 +121,8 @@ def prepare_qat(
             act_range=act_range,
             averaging_constant=averaging_constant,
         )
-    for name, layer in swapped.items():
-        model.set_submodule(name, layer)
+
+    replace_layers(model, targets.quantize, build)  # every layer built first: a failure changes nothing
     model.diffquant_qat_config = config
     return model
 

@@ -14,7 +14,6 @@ optimizer and scheduler are deleted with their state; there is no optimizer buil
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
@@ -23,13 +22,11 @@ from torch.optim import Optimizer
 
 from diffquant.api import attach_default_noise_context
 from diffquant.config import QuantConfig
+from diffquant.layer_swap import replace_layers
 from diffquant.qlisa.layers import NF4_CONFIG, QLISALayer, qlisa_layer_for
 from diffquant.qlisa.optim import OptimizerFactory, OptimizerInBackward, SchedulerFactory, adamw_factory
 from diffquant.qlisa.sampling import DEFAULT_GAMMA, DEFAULT_INTERVAL, LayerSampler
-
-
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(re.fullmatch(p, name) for p in patterns)
+from diffquant.targeting import LayerSelection, select_targets
 
 
 class QLISADiffusion:
@@ -53,6 +50,11 @@ class QLISADiffusion:
         max_grad_norm: per-parameter gradient clipping norm (``None``: no clipping).
         include: regexes (``re.fullmatch`` on module names) of the Linear/Conv2d layers to convert; empty
             means all. exclude: regexes of layers left in full precision and frozen.
+        keep_fp: regexes of more layers left in full precision and frozen; ``None`` uses the
+            architecture's defaults (see :mod:`diffquant.models`). The default ``()`` keeps none:
+            LISA always trains the model's first and last layers, which the architecture defaults
+            (``conv_in`` / ``conv_out`` of a UNet) would freeze in float. The selection is
+            :func:`diffquant.targeting.select_targets`'s, as for every method.
         compute_dtype: dtype the frozen layers dequantize to and compute in (bfloat16, as QLoRA).
 
     Raises:
@@ -82,6 +84,7 @@ class QLISADiffusion:
         include: Sequence[str] = (),
         exclude: Sequence[str] = (),
         compute_dtype: torch.dtype = torch.bfloat16,
+        keep_fp: Sequence[str] | None = (),
     ):
         if getattr(model, "diffquant_config", None) is not None:
             raise ValueError(
@@ -98,21 +101,12 @@ class QLISADiffusion:
             )
         self.model = model
         self.interval = interval
-        self.include, self.exclude = tuple(include), tuple(exclude)
+        self.selection = LayerSelection(include, exclude, keep_fp)
         self.compute_dtype = compute_dtype
-        self.layer_names: tuple[str, ...] = tuple(
-            name
-            for name, m in model.named_modules()
-            if isinstance(m, nn.Linear | nn.Conv2d)
-            and (not self.include or _matches(name, self.include))
-            and not _matches(name, self.exclude)
-        )
-        if not self.layer_names:
-            raise ValueError(
-                f"nothing to train: {type(model).__name__} has no nn.Linear / nn.Conv2d layer selected by "
-                f"include={list(self.include)} exclude={list(self.exclude)}; QLISA trains those layers. "
-                "Loosen include/exclude or use a model with Linear/Conv2d layers."
-            )
+        try:
+            self.layer_names: tuple[str, ...] = select_targets(model, self.selection).quantize
+        except ValueError as err:
+            raise ValueError(f"nothing to train: {err} QLISA trains those layers.") from err
         for name in self.layer_names:  # checked here so that register() never stops half-way
             module = model.get_submodule(name)
             if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
@@ -144,11 +138,11 @@ class QLISADiffusion:
         if self._layers:
             return self
         self.model.requires_grad_(False)
-        for name in self.layer_names:
-            self._layers[name] = qlisa_layer_for(
-                self.model.get_submodule(name), NF4_CONFIG, self.compute_dtype
-            )
-            self.model.set_submodule(name, self._layers[name])
+        self._layers = replace_layers(
+            self.model,
+            self.layer_names,
+            lambda _, layer: qlisa_layer_for(layer, NF4_CONFIG, self.compute_dtype),
+        )
         self._activate(self.sampler.sample())
         return self
 
@@ -207,7 +201,10 @@ class QLISADiffusion:
         self._layers.clear()
         self._finalized = True
         self.model.diffquant_config = QuantConfig(
-            weights=NF4_CONFIG, include=self.include, exclude=self.exclude, keep_fp=()
+            weights=NF4_CONFIG,
+            include=self.selection.include,
+            exclude=self.selection.exclude,
+            keep_fp=self.selection.keep_fp,
         )
         attach_default_noise_context(self.model)
         return self.model

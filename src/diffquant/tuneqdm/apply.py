@@ -6,6 +6,8 @@ import re
 
 from torch import nn
 
+from diffquant.layer_swap import replace_layers
+from diffquant.targeting import select_targets
 from diffquant.tuneqdm.config import TuneQDMConfig
 from diffquant.tuneqdm.layers import TQConv2d, TQLinear, _TQLayer, is_tuneqdm_layer
 
@@ -19,58 +21,37 @@ __all__ = [
 ]
 
 
-def _matches(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(re.fullmatch(p, name) for p in patterns)
-
-
-def _target_names(model: nn.Module, config: TuneQDMConfig) -> list[str]:
-    """Names of the Linear/Conv2d layers ``config`` quantizes, in module order."""
-    modules = dict(model.named_modules())
-    if any(is_tuneqdm_layer(m) for m in modules.values()):
+def _target_names(model: nn.Module, config: TuneQDMConfig) -> tuple[str, ...]:
+    """Names of the Linear/Conv2d layers ``config`` quantizes, in module order: the selection of
+    :func:`diffquant.targeting.select_targets` (include / exclude / keep_fp and the architecture's
+    defaults), as for :func:`diffquant.quantize_`."""
+    if any(is_tuneqdm_layer(m) for m in model.modules()):
         raise ValueError(
             f"{type(model).__name__} already has TuneQDM layers; apply TuneQDM once, to the float model."
         )
-    layers = {n: m for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    for pattern in config.include:
-        if not any(re.fullmatch(pattern, n) for n in layers):
-            raise ValueError(
-                f"include pattern {pattern!r} matches no Linear/Conv2d layer of {type(model).__name__}; "
-                f"their names look like {list(layers)[:5]} (patterns use re.fullmatch)."
-            )
-    names = [
-        n
-        for n in layers
-        if (not config.include or _matches(n, config.include)) and not _matches(n, config.exclude)
-    ]
-    if not names:
-        raise ValueError(
-            f"no Linear/Conv2d layer of {type(model).__name__} is left to quantize (include="
-            f"{list(config.include)}, exclude={list(config.exclude)}); loosen the patterns."
-        )
-    return names
+    return select_targets(model, config.selection).quantize
 
 
 def _swap_layers(model: nn.Module, config: TuneQDMConfig) -> None:
     if not isinstance(config, TuneQDMConfig):
         raise TypeError(f"config must be a TuneQDMConfig, got {type(config).__name__}.")
-    names = _target_names(model, config)
-    for name in names:  # all checks pass before the first swap
-        module = model.get_submodule(name)
+
+    def build(name: str, module: nn.Module) -> nn.Module:
         if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
             raise ValueError(
                 f"layer {name!r} uses padding_mode={module.padding_mode!r}; TQConv2d supports 'zeros' only. "
                 f"Add {re.escape(name)!r} to TuneQDMConfig.exclude to keep it in float."
             )
-    for name in names:
-        module = model.get_submodule(name)
-        tq_cls = TQConv2d if isinstance(module, nn.Conv2d) else TQLinear
-        model.set_submodule(name, tq_cls.from_float(module, config))
+        return (TQConv2d if isinstance(module, nn.Conv2d) else TQLinear).from_float(module, config)
+
+    replace_layers(model, _target_names(model, config), build)  # all layers built before the first swap
 
 
 def apply_tuneqdm(model: nn.Module, config: TuneQDMConfig) -> nn.Module:
     """Prepare ``model`` for TuneQDM fine-tuning, in place: only the TuneQDM scales stay trainable.
 
-    Every selected ``nn.Linear`` / ``nn.Conv2d`` (``config.include`` / ``config.exclude``) becomes a
+    Every selected ``nn.Linear`` / ``nn.Conv2d`` (``config.include`` / ``exclude`` / ``keep_fp``, the
+    architecture's full-precision layers by default) becomes a
     `TQLinear` / `TQConv2d` with frozen packed INT weights; every other parameter of the model is
     frozen (``requires_grad=False``). The trainable tensors are ``delta_out`` (``train_delta_out``) and
     ``delta_in`` (``train_delta_in``) of each layer, ``(num_experts, C)`` each — see
@@ -87,8 +68,8 @@ def apply_tuneqdm(model: nn.Module, config: TuneQDMConfig) -> nn.Module:
         ``model`` itself.
 
     Raises:
-        ValueError: the model already has TuneQDM layers, an ``include`` pattern matches no layer,
-            nothing is selected, or a selected conv has an unsupported padding mode.
+        ValueError: the model already has TuneQDM layers, an ``include`` pattern matches no
+            Linear/Conv2d layer, nothing is selected, or a selected conv has an unsupported padding mode.
         TypeError: ``config`` is not a `TuneQDMConfig`.
 
     Example:

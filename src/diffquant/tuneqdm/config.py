@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from diffquant.config import _JsonConfig
+from diffquant.targeting import LayerSelection
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
+"""Version 2 added ``keep_fp`` (default: the architecture's full-precision layers). Version 1 configs
+still load, as ``keep_fp=()``: they quantized every selected layer, so old delta checkpoints load onto
+the same layers."""
+READABLE_VERSIONS = (1, 2)
 SUPPORTED_BITS = (2, 4, 8)
 
 
@@ -31,9 +35,12 @@ class TuneQDMConfig(_JsonConfig):
         symmetric: Symmetric signed INT codes (zero point 0) instead of the default asymmetric ones.
         include: Regexes (``re.fullmatch`` on module names); only matching Linear/Conv2d layers are
             quantized. Empty means all of them.
-        exclude: Regexes of Linear/Conv2d layers left in float (and frozen). To keep the architecture's
-            usual float layers, pass ``exclude=diffquant.models.get_arch_spec(model).keep_fp``.
-        version: Config schema version (checked on load).
+        exclude: Regexes of Linear/Conv2d layers left in float (and frozen).
+        keep_fp: Regexes of layers left in float (and frozen); ``None`` (the default) uses the
+            architecture's defaults (first/last layers, timestep embedding: see :mod:`diffquant.models`),
+            as :func:`diffquant.quantize_` does; ``()`` quantizes every selected layer (the seed's
+            behaviour). The three fields are resolved by :func:`diffquant.targeting.select_targets`.
+        version: Config schema version (checked on load; version 1 configs load as ``keep_fp=()``).
 
     Raises:
         ValueError: ``n_bits`` not in {2, 4, 8}; ``num_experts`` outside ``[1, total_denoising_steps]``;
@@ -54,14 +61,18 @@ class TuneQDMConfig(_JsonConfig):
     symmetric: bool = False
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    keep_fp: tuple[str, ...] | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        if self.version != CONFIG_VERSION:
+        if self.version not in READABLE_VERSIONS:
             raise ValueError(
-                f"TuneQDMConfig version {self.version!r} is not supported (this diffquant reads version "
-                f"{CONFIG_VERSION}); re-create the config or upgrade diffquant."
+                f"TuneQDMConfig version {self.version!r} is not supported (this diffquant reads versions "
+                f"{list(READABLE_VERSIONS)}); re-create the config or upgrade diffquant."
             )
+        if self.version == 1:  # version 1 had no keep_fp and quantized every selected layer
+            object.__setattr__(self, "keep_fp", ())
+            object.__setattr__(self, "version", CONFIG_VERSION)
         for name in ("n_bits", "num_experts", "total_denoising_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -89,13 +100,15 @@ class TuneQDMConfig(_JsonConfig):
                 "nothing to train: train_delta_in and train_delta_out are both False. Set "
                 "train_delta_out=True (the default) and/or train_delta_in=True."
             )
-        for name in ("include", "exclude"):
+        for name in ("include", "exclude", "keep_fp"):
             patterns = getattr(self, name)
             if isinstance(patterns, str):
                 raise TypeError(f"TuneQDMConfig.{name} must be a list/tuple of regexes, not one string.")
-            object.__setattr__(self, name, tuple(patterns))
-            for pattern in patterns:
-                try:
-                    re.compile(pattern)
-                except re.error as err:
-                    raise ValueError(f"{name} pattern {pattern!r} is not a valid regex: {err}") from err
+            if patterns is not None:
+                object.__setattr__(self, name, tuple(patterns))
+        LayerSelection(self.include, self.exclude, self.keep_fp)  # raises on an invalid regex
+
+    @property
+    def selection(self) -> LayerSelection:
+        """The layers this config quantizes, for :func:`diffquant.targeting.select_targets`."""
+        return LayerSelection(self.include, self.exclude, self.keep_fp)
