@@ -21,6 +21,10 @@ from diffquant.qat.fuse import fold_batch_norm, fuse_conv_bn, fuse_modules
 from diffquant.qat.modules import (
     RANGE_MODES,
     ActivationFakeQuantizer,
+    LSQActivationFakeQuantizer,
+    LSQWeightFakeQuantizer,
+    ObserverActivationFakeQuantizer,
+    ObserverWeightFakeQuantizer,
     QATConv2d,
     QATLinear,
     WeightFakeQuantizer,
@@ -31,6 +35,10 @@ from diffquant.qat.workflow import convert, prepare_qat, qat_finetune, qat_layer
 __all__ = [
     "RANGE_MODES",
     "ActivationFakeQuantizer",
+    "LSQActivationFakeQuantizer",
+    "LSQWeightFakeQuantizer",
+    "ObserverActivationFakeQuantizer",
+    "ObserverWeightFakeQuantizer",
     "QATConv2d",
     "QATLinear",
     "WeightFakeQuantizer",

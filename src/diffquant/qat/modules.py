@@ -35,23 +35,24 @@ from diffquant.quant.ste import fake_quantize_ste, lsq_fake_quantize
 __all__ = [
     "RANGE_MODES",
     "ActivationFakeQuantizer",
+    "LSQActivationFakeQuantizer",
+    "LSQWeightFakeQuantizer",
+    "ObserverActivationFakeQuantizer",
+    "ObserverWeightFakeQuantizer",
     "QATConv2d",
     "QATLinear",
     "WeightFakeQuantizer",
     "is_qat_layer",
 ]
 
-RANGE_MODES = ("observer", "lsq")
-"""``observer``: ranges measured from the data (min-max), ``lsq``: ranges learned (LSQ / LSQ+)."""
-
 _MIN_STEP = 1e-8  # learned step sizes are used as |s|, floored here so a step that crosses 0 stays usable
 
 
-def _check_range_mode(what: str, mode: str) -> None:
-    if mode not in RANGE_MODES:
-        raise ValueError(
-            f"{what}={mode!r} is not supported; choose one of {', '.join(map(repr, RANGE_MODES))}."
-        )
+def _range_class(registry: dict[str, type], what: str, mode: str) -> type:
+    cls = registry.get(mode)
+    if cls is None:
+        raise ValueError(f"{what}={mode!r} is not supported; choose one of {', '.join(map(repr, registry))}.")
+    return cls
 
 
 def _positive(step: Tensor) -> Tensor:
@@ -61,39 +62,42 @@ def _positive(step: Tensor) -> Tensor:
 class WeightFakeQuantizer(nn.Module):
     """Affine fake quantization of one weight, viewed as ``(out, in*kh*kw)``.
 
+    One subclass per range mode — :class:`ObserverWeightFakeQuantizer` (``"observer"``: ranges from
+    the current weight at every forward) and :class:`LSQWeightFakeQuantizer` (``"lsq"``: learned) —
+    picked once by :meth:`create`.
+
     Args:
         weight: the layer's initial float weight (LSQ initialises its step sizes from it).
         config: INT format, bits, symmetry, granularity and range choice (``config.for_layer`` applied).
-        range_mode: ``"observer"`` (ranges from the current weight at every forward) or ``"lsq"``.
-
-    Parameters (LSQ only):
-        step: ``float32 (out|1, n_groups)``, used as ``|step|``.
-        zero_point: ``float32 (out|1, n_groups)``, learned when asymmetric (rounded and clamped to the
-            code range in the forward); a zero buffer when symmetric.
 
     Raises:
         ValueError: for a non-INT format, an unknown range mode, or a group size that does not divide
             the layer's inputs.
     """
 
-    def __init__(self, weight: Tensor, config: WeightQuantConfig, range_mode: str = "observer"):
+    range_mode: ClassVar[str]
+    registry: ClassVar[dict[str, type[WeightFakeQuantizer]]] = {}
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        WeightFakeQuantizer.registry[cls.range_mode] = cls
+
+    @staticmethod
+    def create(
+        weight: Tensor, config: WeightQuantConfig, range_mode: str = "observer"
+    ) -> WeightFakeQuantizer:
+        """The fake quantizer of ``range_mode`` (a key of :attr:`registry`) for ``weight``."""
+        return _range_class(WeightFakeQuantizer.registry, "weight_range", range_mode)(weight, config)
+
+    def __init__(self, weight: Tensor, config: WeightQuantConfig):
         super().__init__()
         if config.format != "int":
             raise ValueError(
                 f"QAT fake-quantizes affine INT weights, got format={config.format!r}; use "
                 "WeightQuantConfig(format='int', bits=2..8)."
             )
-        _check_range_mode("weight_range", range_mode)
         self.config = config.for_layer(weight[0].numel())
-        self.range_mode = range_mode
         self.qmin, self.qmax = affine.int_range(self.config.bits, self.config.symmetric)
-        scale, zero_point = self._observe(weight)  # validates granularity / group size now
-        if range_mode == "lsq":
-            self.step = nn.Parameter(scale)
-            if self.config.symmetric:
-                self.register_buffer("zero_point", torch.zeros_like(scale))
-            else:
-                self.zero_point = nn.Parameter(zero_point.float())
 
     def _observe(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         w2d = weight.detach().reshape(weight.shape[0], -1).float()  # (out, in*kh*kw)
@@ -103,63 +107,113 @@ class WeightFakeQuantizer(nn.Module):
     @torch.no_grad()
     def init_range(self, weight: Tensor) -> None:
         """Re-initialise learned step sizes / zero points from ``weight`` (no-op for observers)."""
-        if self.range_mode == "lsq":
-            scale, zero_point = self._observe(weight)
-            self.step.copy_(scale)
-            self.zero_point.copy_(zero_point.float())
 
-    @torch.no_grad()
     def qparams(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         """``(scale float32, zero_point int32)``, each ``(out|1, n_groups)``: what the forward uses."""
-        if self.range_mode == "observer":
-            return self._observe(weight)
-        zero_point = torch.round(self.zero_point.clamp(self.qmin, self.qmax)).to(torch.int32)
-        return _positive(self.step).detach().clone(), zero_point
-
-    def forward(self, weight: Tensor) -> Tensor:
-        w2d = weight.reshape(weight.shape[0], -1)  # (out, in*kh*kw)
-        if self.range_mode == "observer":
-            scale, zero_point = self.qparams(weight)
-            wg = affine.reshape_groups(w2d, scale.shape[1])  # (out, n_groups, group_size)
-            out = fake_quantize_ste(wg, scale[..., None], zero_point.float()[..., None], self.qmin, self.qmax)
-        else:
-            wg = affine.reshape_groups(w2d, self.step.shape[1])  # (out, n_groups, group_size)
-            step = _positive(self.step)[..., None]  # (out|1, n_groups, 1)
-            zero_point = self.zero_point.clamp(self.qmin, self.qmax)[..., None]
-            out = lsq_fake_quantize(wg, step, zero_point, self.qmin, self.qmax)
-        return out.reshape(weight.shape)
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
         c = self.config
         return f"range={self.range_mode}, bits={c.bits}, symmetric={c.symmetric}, granularity={c.granularity}"
 
 
+class ObserverWeightFakeQuantizer(WeightFakeQuantizer):
+    """Min-max (or the configured range choice) of the current weight at every forward;
+    straight-through gradient for the weight."""
+
+    range_mode = "observer"
+
+    def __init__(self, weight: Tensor, config: WeightQuantConfig):
+        super().__init__(weight, config)
+        self._observe(weight)  # validates granularity / group size now
+
+    @torch.no_grad()
+    def qparams(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        return self._observe(weight)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        w2d = weight.reshape(weight.shape[0], -1)  # (out, in*kh*kw)
+        scale, zero_point = self.qparams(weight)
+        wg = affine.reshape_groups(w2d, scale.shape[1])  # (out, n_groups, group_size)
+        out = fake_quantize_ste(wg, scale[..., None], zero_point.float()[..., None], self.qmin, self.qmax)
+        return out.reshape(weight.shape)
+
+
+class LSQWeightFakeQuantizer(WeightFakeQuantizer):
+    """Step sizes and zero points learned by gradient descent (LSQ, Esser et al., ICLR 2020; LSQ+),
+    initialised from the configured range choice.
+
+    Parameters:
+        step: ``float32 (out|1, n_groups)``, used as ``|step|``.
+        zero_point: ``float32 (out|1, n_groups)``, learned when asymmetric (rounded and clamped to the
+            code range in the forward); a zero buffer when symmetric.
+    """
+
+    range_mode = "lsq"
+
+    def __init__(self, weight: Tensor, config: WeightQuantConfig):
+        super().__init__(weight, config)
+        scale, zero_point = self._observe(weight)  # validates granularity / group size now
+        self.step = nn.Parameter(scale)
+        if self.config.symmetric:
+            self.register_buffer("zero_point", torch.zeros_like(scale))
+        else:
+            self.zero_point = nn.Parameter(zero_point.float())
+
+    @torch.no_grad()
+    def init_range(self, weight: Tensor) -> None:
+        scale, zero_point = self._observe(weight)
+        self.step.copy_(scale)
+        self.zero_point.copy_(zero_point.float())
+
+    @torch.no_grad()
+    def qparams(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        zero_point = torch.round(self.zero_point.clamp(self.qmin, self.qmax)).to(torch.int32)
+        return _positive(self.step).detach().clone(), zero_point
+
+    def forward(self, weight: Tensor) -> Tensor:
+        w2d = weight.reshape(weight.shape[0], -1)  # (out, in*kh*kw)
+        wg = affine.reshape_groups(w2d, self.step.shape[1])  # (out, n_groups, group_size)
+        step = _positive(self.step)[..., None]  # (out|1, n_groups, 1)
+        zero_point = self.zero_point.clamp(self.qmin, self.qmax)[..., None]
+        return lsq_fake_quantize(wg, step, zero_point, self.qmin, self.qmax).reshape(weight.shape)
+
+
 class ActivationFakeQuantizer(nn.Module):
     """Per-tensor affine fake quantization of a layer's input.
 
+    One subclass per range mode, picked once by :meth:`create`: :class:`ObserverActivationFakeQuantizer`
+    (``"observer"``) and :class:`LSQActivationFakeQuantizer` (``"lsq"``).
+
     Args:
         config: bits and symmetry (``mode="static"``, ``range_method="minmax"``).
-        range_mode: ``"observer"`` — in training mode the batch min / max update an exponential
-            moving average (the first batch sets it), in eval mode the range is frozen; or ``"lsq"`` —
-            scale and zero point are parameters, set from the first training batch's min / max and
-            then learned.
         averaging_constant: weight of each new batch in the observer's moving average (PyTorch's
             ``MovingAverageMinMaxObserver`` default 0.01).
 
     Buffers:
-        initialized: ``bool ()``; observer: ``min_val``, ``max_val`` ``float32 (1,)``.
-    Parameters (LSQ):
-        step: ``float32 (1,)`` used as ``|step|``; zero_point: ``float32 (1,)`` learned when
-            asymmetric (a zero buffer when symmetric).
+        initialized: ``bool ()``.
 
     Raises:
         ValueError: for a non-static mode, a range method other than min-max, an unknown range mode,
             or an averaging constant outside (0, 1].
     """
 
-    def __init__(
-        self, config: ActivationQuantConfig, range_mode: str = "observer", averaging_constant: float = 0.01
-    ):
+    range_mode: ClassVar[str]
+    registry: ClassVar[dict[str, type[ActivationFakeQuantizer]]] = {}
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        ActivationFakeQuantizer.registry[cls.range_mode] = cls
+
+    @staticmethod
+    def create(
+        config: ActivationQuantConfig, range_mode: str = "observer", averaging_constant: float = 0.01
+    ) -> ActivationFakeQuantizer:
+        """The fake quantizer of ``range_mode`` (a key of :attr:`registry`)."""
+        cls = _range_class(ActivationFakeQuantizer.registry, "act_range", range_mode)
+        return cls(config, averaging_constant)
+
+    def __init__(self, config: ActivationQuantConfig, averaging_constant: float = 0.01):
         super().__init__()
         if config.mode != "static" or config.range_method != "minmax":
             raise ValueError(
@@ -167,23 +221,22 @@ class ActivationFakeQuantizer(nn.Module):
                 f"range_method={config.range_method!r}; use ActivationQuantConfig(mode='static', "
                 "range_method='minmax') or activations=None (weight-only QAT)."
             )
-        _check_range_mode("act_range", range_mode)
         if not 0.0 < averaging_constant <= 1.0:
             raise ValueError(f"averaging_constant must be in (0, 1], got {averaging_constant}.")
         self.config = config
-        self.range_mode = range_mode
         self.averaging_constant = float(averaging_constant)
         self.qmin, self.qmax = affine.int_range(config.bits, config.symmetric)
         self.register_buffer("initialized", torch.tensor(False))
-        if range_mode == "observer":
-            self.register_buffer("min_val", torch.zeros(1))
-            self.register_buffer("max_val", torch.zeros(1))
-        else:
-            self.step = nn.Parameter(torch.ones(1))
-            if config.symmetric:
-                self.register_buffer("zero_point", torch.zeros(1))
-            else:
-                self.zero_point = nn.Parameter(torch.zeros(1))
+
+    def _observes(self) -> bool:
+        """Whether a training batch updates the range now."""
+        raise NotImplementedError
+
+    def _update_range(self, lo: Tensor, hi: Tensor) -> None:
+        raise NotImplementedError
+
+    def _fake_quantize(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
 
     @torch.no_grad()
     def _observe(self, x: Tensor) -> None:
@@ -192,16 +245,7 @@ class ActivationFakeQuantizer(nn.Module):
             raise ValueError(
                 "inputs of a QAT layer contain NaN/Inf; lower the learning rate or check the data."
             )
-        if self.range_mode == "lsq":  # first batch only: initialise the learned range
-            scale, zero_point = affine.qparams_from_range(lo, hi, self.config.bits, self.config.symmetric)
-            self.step.copy_(scale)
-            self.zero_point.copy_(zero_point.float())
-        elif bool(self.initialized):
-            self.min_val.add_(self.averaging_constant * (lo - self.min_val))
-            self.max_val.add_(self.averaging_constant * (hi - self.max_val))
-        else:
-            self.min_val.copy_(lo)
-            self.max_val.copy_(hi)
+        self._update_range(lo, hi)
         self.initialized.fill_(True)
 
     def _require_initialized(self) -> None:
@@ -211,27 +255,15 @@ class ActivationFakeQuantizer(nn.Module):
                 "training mode (model.train()) before evaluating or converting the model."
             )
 
-    @torch.no_grad()
     def qparams(self) -> tuple[Tensor, Tensor]:
         """``(scale float32 (1,), zero_point float32 (1,) integer-valued)``: what the forward uses."""
-        self._require_initialized()
-        if self.range_mode == "observer":
-            scale, zero_point = affine.qparams_from_range(
-                self.min_val, self.max_val, self.config.bits, self.config.symmetric
-            )
-            return scale, zero_point.float()
-        return _positive(self.step).detach().clone(), torch.round(self.zero_point.clamp(self.qmin, self.qmax))
+        raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training and (self.range_mode == "observer" or not bool(self.initialized)):
+        if self.training and self._observes():
             self._observe(x)
         self._require_initialized()
-        if self.range_mode == "observer":
-            scale, zero_point = self.qparams()
-            return fake_quantize_ste(x, scale.to(x.dtype), zero_point.to(x.dtype), self.qmin, self.qmax)
-        step = _positive(self.step).to(x.dtype)
-        zero_point = self.zero_point.clamp(self.qmin, self.qmax).to(x.dtype)
-        return lsq_fake_quantize(x, step, zero_point, self.qmin, self.qmax)
+        return self._fake_quantize(x)
 
     def to_static(self, channel_dim: int) -> StaticActivationQuantizer:
         """A calibrated :class:`~diffquant.nn.act_quant.StaticActivationQuantizer` with this range."""
@@ -244,6 +276,87 @@ class ActivationFakeQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"range={self.range_mode}, bits={self.config.bits}, symmetric={self.config.symmetric}"
+
+
+class ObserverActivationFakeQuantizer(ActivationFakeQuantizer):
+    """In training mode each batch's min / max update an exponential moving average (the first batch
+    sets it); in eval mode the range is frozen (Krishnamoorthi 2018, §3).
+
+    Buffers:
+        min_val, max_val: ``float32 (1,)``.
+    """
+
+    range_mode = "observer"
+
+    def __init__(self, config: ActivationQuantConfig, averaging_constant: float = 0.01):
+        super().__init__(config, averaging_constant)
+        self.register_buffer("min_val", torch.zeros(1))
+        self.register_buffer("max_val", torch.zeros(1))
+
+    def _observes(self) -> bool:
+        return True
+
+    def _update_range(self, lo: Tensor, hi: Tensor) -> None:
+        if bool(self.initialized):
+            self.min_val.add_(self.averaging_constant * (lo - self.min_val))
+            self.max_val.add_(self.averaging_constant * (hi - self.max_val))
+        else:
+            self.min_val.copy_(lo)
+            self.max_val.copy_(hi)
+
+    @torch.no_grad()
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        self._require_initialized()
+        scale, zero_point = affine.qparams_from_range(
+            self.min_val, self.max_val, self.config.bits, self.config.symmetric
+        )
+        return scale, zero_point.float()
+
+    def _fake_quantize(self, x: Tensor) -> Tensor:
+        scale, zero_point = self.qparams()
+        return fake_quantize_ste(x, scale.to(x.dtype), zero_point.to(x.dtype), self.qmin, self.qmax)
+
+
+class LSQActivationFakeQuantizer(ActivationFakeQuantizer):
+    """Scale and zero point are parameters, set from the first training batch's min / max and then
+    learned (LSQ / LSQ+).
+
+    Parameters:
+        step: ``float32 (1,)`` used as ``|step|``; zero_point: ``float32 (1,)`` learned when
+            asymmetric (a zero buffer when symmetric).
+    """
+
+    range_mode = "lsq"
+
+    def __init__(self, config: ActivationQuantConfig, averaging_constant: float = 0.01):
+        super().__init__(config, averaging_constant)
+        self.step = nn.Parameter(torch.ones(1))
+        if config.symmetric:
+            self.register_buffer("zero_point", torch.zeros(1))
+        else:
+            self.zero_point = nn.Parameter(torch.zeros(1))
+
+    def _observes(self) -> bool:
+        return not bool(self.initialized)  # the first batch initialises the learned range
+
+    def _update_range(self, lo: Tensor, hi: Tensor) -> None:
+        scale, zero_point = affine.qparams_from_range(lo, hi, self.config.bits, self.config.symmetric)
+        self.step.copy_(scale)
+        self.zero_point.copy_(zero_point.float())
+
+    @torch.no_grad()
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        self._require_initialized()
+        return _positive(self.step).detach().clone(), torch.round(self.zero_point.clamp(self.qmin, self.qmax))
+
+    def _fake_quantize(self, x: Tensor) -> Tensor:
+        step = _positive(self.step).to(x.dtype)
+        zero_point = self.zero_point.clamp(self.qmin, self.qmax).to(x.dtype)
+        return lsq_fake_quantize(x, step, zero_point, self.qmin, self.qmax)
+
+
+RANGE_MODES = tuple(WeightFakeQuantizer.registry)
+"""``observer``: ranges measured from the data (min-max), ``lsq``: ranges learned (LSQ / LSQ+)."""
 
 
 class _QATLayer:
@@ -267,9 +380,9 @@ class _QATLayer:
             raise TypeError(
                 f"activations must be an ActivationQuantConfig or None, got {type(activations).__name__}."
             )
-        self.weight_fake_quant = WeightFakeQuantizer(self.weight, weights, weight_range)
+        self.weight_fake_quant = WeightFakeQuantizer.create(self.weight, weights, weight_range)
         self.input_fake_quant = (
-            ActivationFakeQuantizer(activations, act_range, averaging_constant).to(self.weight.device)
+            ActivationFakeQuantizer.create(activations, act_range, averaging_constant).to(self.weight.device)
             if activations is not None
             else None
         )
