@@ -62,8 +62,8 @@ def test_activation_config_rejects_bad_values(kwargs, message):
 
 
 def test_quant_config_validation():
-    with pytest.raises(ValueError, match="version 2"):
-        QuantConfig(version=2)
+    with pytest.raises(ValueError, match="version 3"):
+        QuantConfig(version=3)
     with pytest.raises(ValueError, match="not a valid regex"):
         QuantConfig(include=("conv[",))
     with pytest.raises(TypeError, match="single string"):
