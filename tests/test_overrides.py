@@ -211,3 +211,14 @@ def test_models_quantized_with_overrides_save_and_load_exactly(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).sample, model(**inputs).sample)
     assert loaded.get_submodule("down_blocks.1.attentions.0.to_k").qweight.meta()["format"] == "nf4"
+
+
+def test_other_methods_layers_run_their_float_weights_on_the_float_path():
+    gptq = WeightQuantConfig(bits=4, method="gptq", sequential="off")  # every statistic from float inputs
+    mixed, alone = tiny_unet2d().eval(), tiny_unet2d().eval()
+    rtn_blocks = LayerOverride(r"down_blocks\.0\..*", weights=WeightQuantConfig(bits=4, sequential="off"))
+    quantize_(mixed, QuantConfig(weights=gptq, overrides=(rtn_blocks,)), calibrate=calibrate)
+    quantize_(alone, QuantConfig(weights=gptq), calibrate=calibrate)
+    name = "up_blocks.0.resnets.0.conv1"  # downstream of the RTN layers
+    assert torch.equal(mixed.get_submodule(name).qweight.qdata, alone.get_submodule(name).qweight.qdata)
+    assert torch.equal(mixed.get_submodule(name).qweight.scale, alone.get_submodule(name).qweight.scale)

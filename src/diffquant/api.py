@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffquant.config import INHERIT, ActivationQuantConfig, QuantConfig, WeightQuantConfig
+from diffquant.config import ActivationQuantConfig, QuantConfig, WeightQuantConfig
 from diffquant.layer_swap import replace_layers
 from diffquant.models import get_arch_spec
 from diffquant.nn.act_quant import ActivationQuantizer
@@ -167,11 +167,10 @@ def quantize_(
 
 def _settings(config: QuantConfig) -> Iterator[tuple[WeightQuantConfig, ActivationQuantConfig | None]]:
     """Every (weights, activations) pair ``config`` can give a layer: its own and its overrides'."""
-    yield config.weights, config.activations
+    yield config.settings()
     for override in config.overrides:
         if not override.keep_fp:
-            activations = config.activations if override.activations == INHERIT else override.activations
-            yield override.weights or config.weights, activations
+            yield config.settings(override)
 
 
 def _weight_method(name: str) -> _Method:

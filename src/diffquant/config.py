@@ -426,6 +426,16 @@ class QuantConfig(_JsonConfig):
                 )
             seen.add(override.pattern)
 
+    def settings(
+        self, override: LayerOverride | None = None
+    ) -> tuple[WeightQuantConfig, ActivationQuantConfig | None]:
+        """``(weights, activations)`` of a quantized layer, with ``override`` (one of
+        :attr:`overrides`, not a ``keep_fp`` one) applied."""
+        if override is None:
+            return self.weights, self.activations
+        activations = self.activations if override.activations == INHERIT else override.activations
+        return override.weights or self.weights, activations
+
     def override_for(self, name: str) -> LayerOverride | None:
         """The first override whose pattern fully matches the module name ``name``, or ``None``."""
         return next((o for o in self.overrides if re.fullmatch(o.pattern, name)), None)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from diffquant.config import INHERIT, ActivationQuantConfig, LayerOverride, QuantConfig, WeightQuantConfig
+from diffquant.config import ActivationQuantConfig, LayerOverride, QuantConfig, WeightQuantConfig
 from diffquant.models import get_arch_spec
 from diffquant.nn.qmodules import quant_layer_class
 
@@ -117,11 +117,8 @@ def _outcome(
 ) -> LayerQuant | None:
     """A candidate layer's settings, or ``None`` when it stays in full precision (rules 2-4)."""
     if override is None:
-        return None if _matches(name, keep_fp) else LayerQuant(config.weights, config.activations)
-    if override.keep_fp:
-        return None
-    activations = config.activations if override.activations == INHERIT else override.activations
-    return LayerQuant(override.weights or config.weights, activations)
+        return None if _matches(name, keep_fp) else LayerQuant(*config.settings())
+    return None if override.keep_fp else LayerQuant(*config.settings(override))
 
 
 def select_targets(model: nn.Module, config: QuantConfig | LayerSelection) -> Targets:

@@ -17,6 +17,7 @@ from diffquant.efficientdm.qalora import QALoRALayer, apply_qalora, merge_qalora
 from diffquant.efficientdm.recipe import (
     EfficientDMConfig,
     EfficientDMReport,
+    edge_layer_override,
     efficientdm_finetune,
     efficientdm_quantize_,
     finetune_ptq_model,
@@ -31,6 +32,7 @@ __all__ = [
     "EfficientDMReport",
     "QALoRALayer",
     "apply_qalora",
+    "edge_layer_override",
     "efficientdm_finetune",
     "efficientdm_quantize_",
     "enable_talsq",
