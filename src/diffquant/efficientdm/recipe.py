@@ -42,6 +42,7 @@ from diffquant.efficientdm.scale_aware import scale_aware_param_groups
 from diffquant.efficientdm.talsq import enable_talsq
 from diffquant.finetune.common import fit_denoiser
 from diffquant.finetune.distill import distill
+from diffquant.models import get_arch_spec
 from diffquant.nn.qmodules import quant_layer_class
 
 EDGE_BITS = 8
@@ -210,8 +211,9 @@ def efficientdm_quantize_(
     """PTQ with EfficientDM's layer precisions: ``edge_layers`` at W8A8, the rest as ``config`` says.
 
     One :func:`diffquant.quantize_` call with :func:`edge_layer_override` placed first in
-    ``config.overrides``. Layers the architecture keeps in full precision (timestep embedding; see
-    :mod:`diffquant.models`) stay so, except the edge layers (an override beats ``keep_fp``).
+    ``config.overrides`` (left out when ``config`` already quantizes the edge layers so). Layers the
+    architecture keeps in full precision (timestep embedding; see :mod:`diffquant.models`) stay so,
+    except the edge layers (an override beats ``keep_fp``).
 
     Args:
         model: the float model (quantized in place).
@@ -236,9 +238,13 @@ def efficientdm_quantize_(
         >>> efficientdm_quantize_(unet, cfg, calibrate=run_sampler, schedule=scheduler)  # doctest: +SKIP
     """
     edge_layers = tuple(edge_layers) if edge_layers is not None else first_last_layers(model)
+    edge = edge_layer_override(config, edge_layers)
+    keep_fp = config.keep_fp if config.keep_fp is not None else get_arch_spec(model).keep_fp
+    kept = any(re.fullmatch(pattern, name) for pattern in keep_fp for name in edge_layers)
+    needed = config.settings(edge) != config.settings() or kept  # else the edges are W8A8 already
     config = dataclasses.replace(
         config,
-        overrides=(edge_layer_override(config, edge_layers), *config.overrides),
+        overrides=(edge, *config.overrides) if needed else config.overrides,
         calibration=calibration or config.calibration,
     )
     return quantize_(model, config, calibrate=calibrate, schedule=schedule, progress=progress)
