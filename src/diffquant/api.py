@@ -7,6 +7,7 @@ methods compose freely and adding one never edits this file.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -17,11 +18,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffquant.config import QuantConfig
+from diffquant.errors import NumericalWarning
 from diffquant.models import get_arch_spec
 from diffquant.nn.act_quant import ActivationQuantizer
 from diffquant.nn.packed import PackedWeight
 from diffquant.nn.qmodules import is_quantized_layer, quant_layer_class
-from diffquant.noise import attach_noise_context
+from diffquant.noise import attach_noise_context, noise_context_of, restore_noise_context
 from diffquant.ptq.calibration import DenoiserCall, record_denoiser_calls, replay
 from diffquant.ptq.paths import attach_float_weights, layer_paths, release_float_weights
 from diffquant.targeting import select_targets
@@ -95,9 +97,14 @@ def quantize_(
         The same ``model`` object, quantized; ``model.diffquant_config`` records ``config``.
 
     Raises:
-        TypeError: if ``config`` is not a :class:`QuantConfig`.
+        TypeError: if ``model`` is not a module, ``config`` not a :class:`QuantConfig`, or
+            ``calibrate`` not callable.
         ValueError: if the model is already quantized, a method or mode is unknown, calibration
-            is needed but missing or empty, or a weight contains NaN/Inf.
+            is needed but missing or empty, a weight or bias contains NaN/Inf, or a layer has no
+            weights (meta device). On any error the model is left exactly as it was.
+
+    Warns:
+        NumericalWarning: a layer lost precision its format should keep (named in the message).
 
     Example:
         >>> import torch, diffquant
@@ -108,8 +115,12 @@ def quantize_(
         >>> type(model[0]).__name__
         'QuantLinear'
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a diffquant.QuantConfig, got {type(config).__name__}.")
+    if calibrate is not None and not callable(calibrate):
+        raise TypeError(f"calibrate must be a function fn(model), got {type(calibrate).__name__}.")
     if getattr(model, "diffquant_config", None) is not None or any(map(is_quantized_layer, model.modules())):
         raise ValueError("model is already quantized; quantize a fresh copy of the float model instead.")
     method = _WEIGHT_METHODS.get(config.weights.method)
@@ -140,21 +151,35 @@ def quantize_(
     targets = select_targets(model, config)
     originals = {name: model.get_submodule(name) for name in targets.quantize}
     for name, layer in originals.items():
-        if not torch.isfinite(layer.weight).all():
-            raise ValueError(f"layer {name!r} has NaN/Inf weights; fix the float model before quantizing it.")
+        if layer.weight.is_meta:
+            raise ValueError(
+                f"layer {name!r} is on the meta device (no weights); load the model's weights before quantizing."
+            )
+        for what, tensor in (("weights", layer.weight), ("bias", layer.bias)):
+            if tensor is not None and not torch.isfinite(tensor).all():
+                raise ValueError(
+                    f"layer {name!r} has NaN/Inf {what}; fix the float model before quantizing it."
+                )
     _check_group_size(originals, config)
+    previous_context = noise_context_of(model)
     attach_default_noise_context(model, schedule)
-    calls = None
-    if calibrate_acts or method.needs_calibration:
-        calls = record_denoiser_calls(model, calibrate, config.calibration)
-
-    layers = {}
-    for name in tqdm(targets.quantize, desc="quantize", disable=not progress, leave=False):
-        layer = originals[name]
-        layers[name] = quant_layer_class(layer).from_float(layer, config.weights, config.activations)
-        model.set_submodule(name, layers[name].to(layer.weight.device))
-    attach_float_weights(layers, originals)
     try:
+        calls = None
+        if calibrate_acts or method.needs_calibration:
+            calls = record_denoiser_calls(model, calibrate, config.calibration)
+        layers = {}  # every layer is built before the first swap: a layer that cannot be built changes nothing
+        for name in tqdm(targets.quantize, desc="quantize", disable=not progress, leave=False):
+            layer = originals[name]
+            layers[name] = quant_layer_class(layer).from_float(layer, config.weights, config.activations)
+            layers[name].to(layer.weight.device)
+            _warn_numerical_loss(name, layers[name])
+    except BaseException:
+        restore_noise_context(model, previous_context)
+        raise
+    try:
+        for name, layer in layers.items():
+            model.set_submodule(name, layer)
+        attach_float_weights(layers, originals)
         if calibrate_acts:
             # float weights; observing quantizers pass their inputs through unchanged: the float model
             with layer_paths(layers.values(), float_weight=True, quantize_inputs=True):
@@ -163,11 +188,18 @@ def quantize_(
     except BaseException:
         for name, layer in originals.items():  # leave the float model as it was
             model.set_submodule(name, layer)
+        restore_noise_context(model, previous_context)
         raise
     finally:
         release_float_weights(layers.values())
     model.diffquant_config = config
     return model
+
+
+def _warn_numerical_loss(name: str, layer: nn.Module) -> None:
+    message = layer.qweight.numerical_warning()
+    if message is not None:
+        warnings.warn(f"layer {name!r}: {message}", NumericalWarning, stacklevel=3)
 
 
 def attach_default_noise_context(model: nn.Module, schedule: Any = None) -> None:

@@ -126,7 +126,9 @@ def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
             metadata = dict(f.metadata() or {})
             tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f"{path} is truncated or not a safetensors file ({err}); re-save it.") from err
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (truncated or damaged: {err}); re-save it."
+        ) from err
     return metadata, tensors
 
 
