@@ -257,7 +257,10 @@ def _build_model(description: dict[str, Any], file: Path, tensors: dict[str, Ten
         ) from err
     layers = tuple(f"{name}." for name in description["layers"])
     dtypes = {t.dtype for k, t in tensors.items() if t.is_floating_point() and not k.startswith(layers)}
-    return model.to(dtypes.pop()) if len(dtypes) == 1 else model  # a model saved in half precision
+    dtype = dtypes.pop() if len(dtypes) == 1 else None
+    return (
+        model.to(dtype) if dtype is not None and dtype != torch.float32 else model
+    )  # saved in half precision
 
 
 def _compare(file: Path, where: str, expected: dict[str, Tensor], found: dict[str, Tensor]) -> None:

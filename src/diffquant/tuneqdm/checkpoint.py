@@ -228,7 +228,8 @@ def load_delta_state(
         ValueError: the model has no TuneQDM layers (CheckpointError is a ValueError too).
 
     Example:
-        >>> load_delta_state(quantize_model(unet, load_delta_config("dog.safetensors")), "dog.safetensors")  # doctest: +SKIP
+        >>> unet = quantize_model(unet, load_delta_config("dog.safetensors"))  # doctest: +SKIP
+        >>> load_delta_state(unet, "dog.safetensors")  # doctest: +SKIP
     """
     saved_config, fingerprint, base, tensors = _read(path)
     model_config = tuneqdm_config(model)
