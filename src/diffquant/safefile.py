@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from diffquant.errors import CheckpointError
@@ -110,7 +110,10 @@ def write_checked_safetensors(
     over both stored under :data:`CHECKSUM_KEY`."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     stored = {**metadata, CHECKSUM_KEY: checksum(metadata, tensors)}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=stored))
+    # Serialised in memory and written by us: safetensors' own save_file writes through a temporary of its
+    # own (".tmpXXXXXX"), which a killed process would leave behind under a name we cannot recognise.
+    data = safetensors_bytes(tensors, metadata=stored)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
