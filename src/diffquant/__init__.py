@@ -13,12 +13,14 @@ __version__ = "0.1.0"
 
 from diffquant.api import calibrate_activations, quantize_, register_weight_method, weight_bits_per_parameter
 from diffquant.config import ActivationQuantConfig, QuantConfig, WeightQuantConfig
+from diffquant.errors import NumericalWarning
 from diffquant.io import CheckpointError, load_quantized, save_quantized
 from diffquant.ptq import methods as _ptq_methods  # noqa: F401  (registers the "gptq" and "qronos" weight methods)
 
 __all__ = [
     "ActivationQuantConfig",
     "CheckpointError",
+    "NumericalWarning",
     "QuantConfig",
     "WeightQuantConfig",
     "__version__",
