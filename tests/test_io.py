@@ -179,3 +179,23 @@ def test_save_rejects_unquantized_model_and_file_target(tmp_path):
 def test_checkpoint_holds_no_pickles(saved):
     path = saved[0]
     assert {p.suffix for p in path.iterdir()} == {".safetensors"}
+
+
+def test_rebuilt_models_are_in_eval_mode_and_reproduce_outputs(tmp_path):
+    model = tiny_dit().eval()  # DiT drops class labels at random in training mode
+    inputs = example_inputs(model, batch_size=2)
+    quantize_(model, CONFIGS["w4-group"])
+    loaded = load_quantized(save_quantized(model, tmp_path))
+    assert not loaded.training
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).sample, model(**inputs).sample)
+
+
+def test_half_precision_models_round_trip(tmp_path):
+    model = tiny_unet2d().eval().half()
+    inputs = {k: v.half() if v.is_floating_point() else v for k, v in example_inputs(model, 2).items()}
+    quantize_(model, CONFIGS["w4-group"])
+    loaded = load_quantized(save_quantized(model, tmp_path))
+    assert next(loaded.parameters()).dtype == torch.float16
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).sample, model(**inputs).sample)

@@ -220,6 +220,17 @@ def read_checkpoint_description(directory: str | os.PathLike) -> dict[str, Any]:
     return _read_checkpoint(Path(directory))[0]
 
 
+def _size_on_meta_device(cls: type, model_config: dict[str, Any]) -> int | None:
+    """Number of state-dict values of ``cls.from_config(model_config)``, built without allocating (None
+    when the model cannot be built on the meta device; the real build then reports the problem)."""
+    try:
+        with torch.device("meta"):
+            probe = cls.from_config(model_config)
+    except Exception:  # any failure here is reported by the real build
+        return None
+    return sum(t.numel() for t in probe.state_dict().values())
+
+
 def _build_model(description: dict[str, Any], file: Path, tensors: dict[str, Tensor]) -> nn.Module:
     arch, model_config = description["architecture"], description["model_config"]
     if model_config is None:
@@ -239,28 +250,23 @@ def _build_model(description: dict[str, Any], file: Path, tensors: dict[str, Ten
             "load_quantized(path, model=...)."
         )
     stored = sum(t.numel() * t.element_size() for t in tensors.values())
+    size = _size_on_meta_device(cls, model_config)
+    if size is not None and size > 8 * stored + (1 << 20):  # >= 2 bits per weight are stored: 4x is the limit
+        raise CheckpointError(
+            f"{file}: the saved model_config describes a {arch} of {size} parameters, but the file stores only "
+            f"{stored} bytes; the description does not belong to these tensors."
+        )
     try:
-        with torch.device("meta"):
-            probe = cls.from_config(model_config)
-        size = sum(t.numel() for t in probe.state_dict().values())
-        if size > 8 * stored + (1 << 20):  # >= 2 bits per weight are stored, so 4x would be the limit
-            raise CheckpointError(
-                f"{file}: the saved model_config describes a {arch} of {size} parameters, but the file stores "
-                f"only {stored} bytes; the description does not belong to these tensors."
-            )
-        model = cls.from_config(model_config)
-    except CheckpointError:
-        raise
+        model = cls.from_config(model_config).eval()  # as diffusers' from_pretrained: inference mode
     except Exception as err:  # from_config raises whatever the model's __init__ raises on bad values
         raise CheckpointError(
             f"{file}: cannot build a {arch} from the saved model_config ({type(err).__name__}: {err})."
         ) from err
     layers = tuple(f"{name}." for name in description["layers"])
     dtypes = {t.dtype for k, t in tensors.items() if t.is_floating_point() and not k.startswith(layers)}
-    dtype = dtypes.pop() if len(dtypes) == 1 else None
-    return (
-        model.to(dtype) if dtype is not None and dtype != torch.float32 else model
-    )  # saved in half precision
+    if len(dtypes) == 1 and (dtype := dtypes.pop()) != torch.float32:
+        model = model.to(dtype)  # a model saved in half precision
+    return model
 
 
 def _compare(file: Path, where: str, expected: dict[str, Tensor], found: dict[str, Tensor]) -> None:
@@ -326,7 +332,8 @@ def load_quantized(
     Args:
         directory: the checkpoint directory.
         model: the float model (same architecture and configuration) to quantize in place; may be
-            omitted for diffusers models, which are rebuilt from the saved config.
+            omitted for diffusers models, which are rebuilt from the saved config (in eval mode, as
+            ``from_pretrained`` returns them).
         device: where to put the loaded model (checked first: asking for CUDA without CUDA fails at once).
         schedule: scheduler for the noise-level context (see :func:`diffquant.quantize_`).
 
