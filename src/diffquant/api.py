@@ -8,7 +8,8 @@ methods compose freely and adding one never edits this file.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -161,39 +162,44 @@ def quantize_(
                     f"layer {name!r} has NaN/Inf {what}; fix the float model before quantizing it."
                 )
     _check_group_size(originals, config)
-    previous_context = noise_context_of(model)
-    attach_default_noise_context(model, schedule)
-    try:
+    with _rolled_back_on_error(model, originals):
+        attach_default_noise_context(model, schedule)
         calls = None
         if calibrate_acts or method.needs_calibration:
             calls = record_denoiser_calls(model, calibrate, config.calibration)
-        layers = {}  # every layer is built before the first swap: a layer that cannot be built changes nothing
+        layers = {}  # all built before the first swap
         for name in tqdm(targets.quantize, desc="quantize", disable=not progress, leave=False):
             layer = originals[name]
             layers[name] = quant_layer_class(layer).from_float(layer, config.weights, config.activations)
             layers[name].to(layer.weight.device)
             _warn_numerical_loss(name, layers[name])
-    except BaseException:
-        restore_noise_context(model, previous_context)
-        raise
-    try:
         for name, layer in layers.items():
             model.set_submodule(name, layer)
         attach_float_weights(layers, originals)
-        if calibrate_acts:
-            # float weights; observing quantizers pass their inputs through unchanged: the float model
-            with layer_paths(layers.values(), float_weight=True, quantize_inputs=True):
-                calibrate_activations(model, partial(replay, calls=calls))
-        method.fn(model, layers, config, calls)
+        try:
+            if calibrate_acts:
+                # float weights; observing quantizers pass their inputs through unchanged: the float model
+                with layer_paths(layers.values(), float_weight=True, quantize_inputs=True):
+                    calibrate_activations(model, partial(replay, calls=calls))
+            method.fn(model, layers, config, calls)
+        finally:
+            release_float_weights(layers.values())
+    model.diffquant_config = config
+    return model
+
+
+@contextmanager
+def _rolled_back_on_error(model: nn.Module, originals: dict[str, nn.Module]) -> Iterator[None]:
+    """On any exception inside, put every original layer and the previous noise context back: a failed
+    ``quantize_`` leaves the model exactly as it was (and quantizable again)."""
+    previous_context = noise_context_of(model)
+    try:
+        yield
     except BaseException:
-        for name, layer in originals.items():  # leave the float model as it was
+        for name, layer in originals.items():
             model.set_submodule(name, layer)
         restore_noise_context(model, previous_context)
         raise
-    finally:
-        release_float_weights(layers.values())
-    model.diffquant_config = config
-    return model
 
 
 def _warn_numerical_loss(name: str, layer: nn.Module) -> None:
