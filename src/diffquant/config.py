@@ -132,8 +132,10 @@ class WeightQuantConfig(_JsonConfig):
             at this granularity instead (the layer's stored scales show which one it got).
 
     Raises:
-        ValueError: on an unsupported format, bit-width, granularity or range method, or a
-            missing/invalid group or block size.
+        ValueError: on an unsupported format, bit-width, granularity or range method, a
+            missing/invalid group or block size, INT-only settings with NF4 (granularity, group_size,
+            symmetric=False, range_method) or NF4-only settings with INT (block_size, double_quant).
+        TypeError: a flag (``symmetric``, ``double_quant``, ``act_order``) that is not a bool.
     """
 
     format: str = "int"
@@ -244,7 +246,8 @@ class ActivationQuantConfig(_JsonConfig):
         percentile: the percentile used by ``range_method="percentile"``.
 
     Raises:
-        ValueError: on an unsupported bit-width, mode string or range method.
+        ValueError: on an unsupported bit-width, mode string, range method or percentile.
+        TypeError: ``symmetric`` not a bool, ``percentile`` not a number.
     """
 
     bits: int = 8
