@@ -50,7 +50,7 @@ def _calibration(inputs):
 CONFIGS = {
     "w8-rtn": QuantConfig(weights=WeightQuantConfig(bits=8)),
     "w4-group": QuantConfig(weights=WeightQuantConfig(bits=4, granularity="group", group_size=8)),
-    "nf4": QuantConfig(weights=WeightQuantConfig(bits=4, format="nf4", granularity="group", group_size=16)),
+    "nf4": QuantConfig(weights=WeightQuantConfig(bits=4, format="nf4", block_size=32)),
     "w4-gptq": QuantConfig(weights=WeightQuantConfig(bits=4, method="gptq")),
     "w8a8-static": QuantConfig(weights=WeightQuantConfig(bits=8), activations=ActivationQuantConfig(bits=8)),
     "w8a8-dynamic": QuantConfig(

@@ -1,9 +1,11 @@
+import hashlib
 import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from checkpoint_tools import edit_json, rewrite
 from diffquant import (
     ActivationQuantConfig,
     CheckpointError,
@@ -15,6 +17,7 @@ from diffquant import (
 )
 from diffquant.io import CONFIG_NAME, WEIGHTS_NAME
 from diffquant.models.tiny import example_inputs, tiny_dit, tiny_unet2d
+from diffquant.safefile import read_safetensors
 
 CONFIGS = {
     "w4-group": QuantConfig(
@@ -49,7 +52,7 @@ def saved(tmp_path_factory):
 def test_save_load_reproduces_outputs_exactly(tmp_path, name):
     model, inputs = _quantized_unet(CONFIGS[name])
     save_quantized(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]  # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [WEIGHTS_NAME]  # one file, no temp files left
     fresh = tiny_unet2d(seed=123).eval()  # different float weights: everything must come from the file
     loaded = load_quantized(tmp_path, model=fresh)
     with torch.no_grad():
@@ -87,10 +90,8 @@ def _copy(path, tmp_path):
 
 def test_wrong_version_is_rejected(saved, tmp_path):
     ckpt = _copy(saved[0], tmp_path)
-    description = json.loads((ckpt / CONFIG_NAME).read_text())
-    description["format_version"] = 99
-    (ckpt / CONFIG_NAME).write_text(json.dumps(description))
-    with pytest.raises(CheckpointError, match="format version 99"):
+    rewrite(ckpt / WEIGHTS_NAME, metadata=lambda meta: meta.update(format_version="99"))
+    with pytest.raises(CheckpointError, match="format version '99'"):
         load_quantized(ckpt)
 
 
@@ -103,16 +104,28 @@ def test_corrupt_weights_are_rejected(saved, tmp_path, damage):
     else:
         data[-10] ^= 0xFF
     (ckpt / WEIGHTS_NAME).write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match="truncated|checksum"):
+        load_quantized(ckpt)
+
+
+def test_edited_description_fails_the_checksum(saved, tmp_path):
+    ckpt = _copy(saved[0], tmp_path)
+
+    def three_bits(description):
+        layer = next(v for v in description["layers"].values() if v["input_quant"])
+        layer["input_quant"]["config"]["bits"] = 3
+
+    rewrite(ckpt / WEIGHTS_NAME, metadata=edit_json("description", three_bits), recompute_checksum=False)
+    with pytest.raises(CheckpointError, match="fails its checksum"):
         load_quantized(ckpt)
 
 
 def test_corrupt_description_is_rejected(saved, tmp_path):
     ckpt = _copy(saved[0], tmp_path)
-    (ckpt / CONFIG_NAME).write_text("{not json")
-    with pytest.raises(CheckpointError, match="corrupt"):
+    rewrite(ckpt / WEIGHTS_NAME, metadata=lambda meta: meta.update(description="{not json"))
+    with pytest.raises(CheckpointError, match="no readable description"):
         load_quantized(ckpt)
-    (ckpt / CONFIG_NAME).unlink()
+    (ckpt / WEIGHTS_NAME).unlink()
     with pytest.raises(CheckpointError, match="missing"):
         load_quantized(ckpt)
 
@@ -120,20 +133,37 @@ def test_corrupt_description_is_rejected(saved, tmp_path):
 @pytest.mark.parametrize("edit", ["missing", "extra"])
 def test_missing_or_extra_tensors_are_rejected(saved, tmp_path, edit):
     ckpt = _copy(saved[0], tmp_path)
-    tensors = load_file(ckpt / WEIGHTS_NAME)
-    if edit == "missing":
-        tensors.pop(next(k for k in tensors if k.endswith("qweight.scale")))
-    else:
-        tensors["bogus.weight"] = torch.zeros(1)
-    save_file(tensors, ckpt / WEIGHTS_NAME)
-    description = json.loads((ckpt / CONFIG_NAME).read_text())
-    from diffquant.io import _sha256
 
-    description["weights_sha256"] = _sha256(ckpt / WEIGHTS_NAME)  # a consistent but wrong checkpoint
-    (ckpt / CONFIG_NAME).write_text(json.dumps(description))
+    def change(tensors):
+        if edit == "missing":
+            tensors.pop(next(k for k in tensors if k.endswith("qweight.scale")))
+        else:
+            tensors["bogus.weight"] = torch.zeros(1)
+
+    rewrite(ckpt / WEIGHTS_NAME, tensors=change)  # a consistent but wrong checkpoint
     word = "missing" if edit == "missing" else "unexpected"
     with pytest.raises(CheckpointError, match=f"{word} keys \\['"):
         load_quantized(ckpt)
+
+
+def test_format_1_checkpoints_still_load_with_a_warning(saved, tmp_path):
+    path, inputs, expected = saved
+    ckpt = _copy(path, tmp_path)
+    meta, tensors = read_safetensors(ckpt / WEIGHTS_NAME)
+    save_file(tensors, ckpt / WEIGHTS_NAME, metadata={"format": "diffquant"})  # format 1: JSON beside it
+    description = json.loads(meta["description"])
+    description.update(
+        format="diffquant",
+        format_version=1,
+        weights_sha256=hashlib.sha256((ckpt / WEIGHTS_NAME).read_bytes()).hexdigest(),
+    )
+    (ckpt / CONFIG_NAME).write_text(json.dumps(description))
+    with pytest.warns(UserWarning, match="format-1 checkpoint"):
+        loaded = load_quantized(ckpt)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).sample, expected)
+    save_quantized(loaded, ckpt)  # upgrading removes the separate description
+    assert sorted(p.name for p in ckpt.iterdir()) == [WEIGHTS_NAME]
 
 
 def test_save_rejects_unquantized_model_and_file_target(tmp_path):
@@ -148,4 +178,24 @@ def test_save_rejects_unquantized_model_and_file_target(tmp_path):
 
 def test_checkpoint_holds_no_pickles(saved):
     path = saved[0]
-    assert {p.suffix for p in path.iterdir()} == {".json", ".safetensors"}
+    assert {p.suffix for p in path.iterdir()} == {".safetensors"}
+
+
+def test_rebuilt_models_are_in_eval_mode_and_reproduce_outputs(tmp_path):
+    model = tiny_dit().eval()  # DiT drops class labels at random in training mode
+    inputs = example_inputs(model, batch_size=2)
+    quantize_(model, CONFIGS["w4-group"])
+    loaded = load_quantized(save_quantized(model, tmp_path))
+    assert not loaded.training
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).sample, model(**inputs).sample)
+
+
+def test_half_precision_models_round_trip(tmp_path):
+    model = tiny_unet2d().eval().half()
+    inputs = {k: v.half() if v.is_floating_point() else v for k, v in example_inputs(model, 2).items()}
+    quantize_(model, CONFIGS["w4-group"])
+    loaded = load_quantized(save_quantized(model, tmp_path))
+    assert next(loaded.parameters()).dtype == torch.float16
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).sample, model(**inputs).sample)

@@ -12,6 +12,7 @@ The core API::
 from diffquant._version import __version__
 from diffquant.api import calibrate_activations, quantize_, register_weight_method, weight_bits_per_parameter
 from diffquant.config import ActivationQuantConfig, LayerOverride, QuantConfig, WeightQuantConfig
+from diffquant.errors import NumericalWarning
 from diffquant.io import CheckpointError, load_quantized, save_quantized
 from diffquant.ptq import methods as _ptq_methods  # noqa: F401  (registers the "gptq" and "qronos" weight methods)
 
@@ -19,6 +20,7 @@ __all__ = [
     "ActivationQuantConfig",
     "CheckpointError",
     "LayerOverride",
+    "NumericalWarning",
     "QuantConfig",
     "WeightQuantConfig",
     "__version__",

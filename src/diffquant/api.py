@@ -7,7 +7,9 @@ methods compose freely and adding one never edits this file.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -17,12 +19,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffquant.config import ActivationQuantConfig, QuantConfig, WeightQuantConfig
+from diffquant.errors import NumericalWarning
 from diffquant.layer_swap import replace_layers
 from diffquant.models import get_arch_spec
 from diffquant.nn.act_quant import ActivationQuantizer
 from diffquant.nn.packed import PackedWeight
 from diffquant.nn.qmodules import is_quantized_layer, quant_layer_class
-from diffquant.noise import attach_noise_context
+from diffquant.noise import attach_noise_context, noise_context_of, restore_noise_context
 from diffquant.ptq.calibration import DenoiserCall, record_denoiser_calls, replay
 from diffquant.ptq.paths import calibrating, layer_paths
 from diffquant.targeting import LayerQuant, select_targets
@@ -99,9 +102,14 @@ def quantize_(
         The same ``model`` object, quantized; ``model.diffquant_config`` records ``config``.
 
     Raises:
-        TypeError: if ``config`` is not a :class:`QuantConfig`.
+        TypeError: if ``model`` is not a module, ``config`` not a :class:`QuantConfig`, or
+            ``calibrate`` not callable.
         ValueError: if the model is already quantized, a method or mode is unknown, calibration
-            is needed but missing or empty, or a weight contains NaN/Inf.
+            is needed but missing or empty, a weight or bias contains NaN/Inf, or a layer has no
+            weights (meta device). On any error the model is left exactly as it was.
+
+    Warns:
+        NumericalWarning: a layer lost precision its format should keep (named in the message).
 
     Example:
         >>> import torch, diffquant
@@ -112,8 +120,12 @@ def quantize_(
         >>> type(model[0]).__name__
         'QuantLinear'
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a diffquant.QuantConfig, got {type(config).__name__}.")
+    if calibrate is not None and not callable(calibrate):
+        raise TypeError(f"calibrate must be a function fn(model), got {type(calibrate).__name__}.")
     if getattr(model, "diffquant_config", None) is not None or any(map(is_quantized_layer, model.modules())):
         raise ValueError("model is already quantized; quantize a fresh copy of the float model instead.")
     calibrated = _calibration_needer(config)
@@ -126,22 +138,28 @@ def quantize_(
     targets = select_targets(model, config)
     originals = {name: model.get_submodule(name) for name in targets.quantize}
     for name, layer in originals.items():
-        if not torch.isfinite(layer.weight).all():
-            raise ValueError(f"layer {name!r} has NaN/Inf weights; fix the float model before quantizing it.")
+        if layer.weight.is_meta:
+            raise ValueError(
+                f"layer {name!r} is on the meta device (no weights); load the model's weights before quantizing."
+            )
+        for what, tensor in (("weights", layer.weight), ("bias", layer.bias)):
+            if tensor is not None and not torch.isfinite(tensor).all():
+                raise ValueError(f"layer {name!r} has NaN/Inf {what}; fix the float model before quantizing it.")
     _check_group_size(originals, targets.configs)
-    attach_default_noise_context(model, schedule)
-    calls = None
-    if calibrated is not None:
-        calls = record_denoiser_calls(model, calibrate, config.calibration)
+    with _rolled_back_on_error(model, originals):
+        attach_default_noise_context(model, schedule)
+        calls = None
+        if calibrated is not None:
+            calls = record_denoiser_calls(model, calibrate, config.calibration)
 
-    def build(name: str, layer: nn.Module) -> nn.Module:
-        settings = targets.configs[name]
-        quantized = quant_layer_class(layer).from_float(layer, settings.weights, settings.activations)
-        return quantized.to(layer.weight.device)
+        def build(name: str, layer: nn.Module) -> nn.Module:
+            settings = targets.configs[name]
+            quantized = quant_layer_class(layer).from_float(layer, settings.weights, settings.activations)
+            _warn_numerical_loss(name, quantized)
+            return quantized.to(layer.weight.device)
 
-    names = tqdm(targets.quantize, desc="quantize", disable=not progress, leave=False)
-    layers = replace_layers(model, names, build)
-    try:
+        names = tqdm(targets.quantize, desc="quantize", disable=not progress, leave=False)
+        layers = replace_layers(model, names, build)
         with calibrating({layers[name]: originals[name].weight for name in layers}):
             if any(
                 s.activations is not None and _activation_class(s.activations).needs_calibration
@@ -157,10 +175,6 @@ def quantize_(
                     {n: targets.configs[n].weights for n in names},
                     calls,
                 )
-    except BaseException:
-        for name, layer in originals.items():  # leave the float model as it was
-            model.set_submodule(name, layer)
-        raise
     model.diffquant_config = config
     return model
 
@@ -219,6 +233,26 @@ def _method_groups(configs: dict[str, LayerQuant]) -> list[tuple[_Method, list[s
         groups.setdefault(settings.weights.method, []).append(name)
     ordered = sorted(groups.items(), key=lambda item: _weight_method(item[0]).needs_calibration)
     return [(_weight_method(method), names) for method, names in ordered]
+
+
+@contextmanager
+def _rolled_back_on_error(model: nn.Module, originals: dict[str, nn.Module]) -> Iterator[None]:
+    """On any exception inside, put every original layer and the previous noise context back: a failed
+    ``quantize_`` leaves the model exactly as it was (and quantizable again)."""
+    previous_context = noise_context_of(model)
+    try:
+        yield
+    except BaseException:
+        for name, layer in originals.items():
+            model.set_submodule(name, layer)
+        restore_noise_context(model, previous_context)
+        raise
+
+
+def _warn_numerical_loss(name: str, layer: nn.Module) -> None:
+    message = layer.qweight.numerical_warning()
+    if message is not None:
+        warnings.warn(f"layer {name!r}: {message}", NumericalWarning, stacklevel=3)
 
 
 def attach_default_noise_context(model: nn.Module, schedule: Any = None) -> None:

@@ -23,10 +23,25 @@ from diffquant.nn.act_quant import ActivationQuantizer
 
 
 def _weight_config(args: argparse.Namespace) -> WeightQuantConfig:
-    if args.weights == "nf4":
-        return WeightQuantConfig(format="nf4", bits=4, block_size=args.block_size, method=args.method)
-    bits = int(args.weights.removeprefix("int"))
     granularity = "group" if args.group_size else args.granularity
+    if args.weights == "nf4":
+        if (
+            args.group_size
+            or args.asymmetric
+            or args.granularity != "channel"
+            or args.range_method != "minmax"
+        ):
+            raise ValueError(
+                "--group-size, --asymmetric, --granularity and --range-method apply to INT weights; NF4 takes "
+                "--block-size only."
+            )
+        block_size = 64 if args.block_size is None else args.block_size
+        return WeightQuantConfig(format="nf4", bits=4, block_size=block_size, method=args.method)
+    if args.block_size is not None:
+        raise ValueError(
+            f"--block-size is the NF4 block size; it does not apply to --weights {args.weights}."
+        )
+    bits = int(args.weights.removeprefix("int"))
     return WeightQuantConfig(
         bits=bits,
         granularity=granularity,
@@ -134,9 +149,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from diffquant.io import CONFIG_NAME
+    from diffquant.io import read_checkpoint_description
 
-    description = json.loads((Path(args.checkpoint) / CONFIG_NAME).read_text())
+    description = read_checkpoint_description(args.checkpoint)
     config = QuantConfig.from_dict(description["quant_config"])
     print(f"{description['architecture']} quantized as {config.label} ({len(description['layers'])} layers)")
     print(config.to_json())
@@ -173,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument("--asymmetric", action="store_true", help="asymmetric weight range")
     quant.add_argument("--range-method", default="minmax", choices=list(RANGE_METHODS))
-    quant.add_argument("--block-size", type=int, default=64, help="NF4 block size")
+    quant.add_argument("--block-size", type=int, default=None, help="NF4 block size (default 64; NF4 only)")
     quant.add_argument(
         "--activations",
         default="none",

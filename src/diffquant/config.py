@@ -48,6 +48,16 @@ def _check_int_bits(bits: Any, what: str) -> None:
         )
 
 
+def _check_flags(config: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise TypeError(
+                f"{type(config).__name__}.{name} must be True or False, got {value!r} "
+                f"({type(value).__name__}); a string such as 'False' is not a flag."
+            )
+
+
 class _JsonConfig:
     """Mixin: JSON round trip for (nested) config dataclasses.
 
@@ -130,8 +140,10 @@ class WeightQuantConfig(_JsonConfig):
             at this granularity instead (the layer's stored scales show which one it got).
 
     Raises:
-        ValueError: on an unsupported format, bit-width, granularity or range method, or a
-            missing/invalid group or block size.
+        ValueError: on an unsupported format, bit-width, granularity or range method, a
+            missing/invalid group or block size, INT-only settings with NF4 (granularity, group_size,
+            symmetric=False, range_method) or NF4-only settings with INT (block_size, double_quant).
+        TypeError: a flag (``symmetric``, ``double_quant``, ``act_order``) that is not a bool.
     """
 
     format: str = "int"
@@ -150,10 +162,15 @@ class WeightQuantConfig(_JsonConfig):
 
     def __post_init__(self) -> None:
         _check_choice("format", self.format, WEIGHT_FORMATS)
+        _check_flags(self, ("symmetric", "double_quant", "act_order"))
         if self.fallback_granularity is not None:
             _check_choice("fallback_granularity", self.fallback_granularity, ("channel", "tensor"))
         _check_choice("sequential", self.sequential, SEQUENTIAL_MODES)
-        if not isinstance(self.damping, (int, float)) or not 0 < self.damping < 10:
+        if (
+            isinstance(self.damping, bool)
+            or not isinstance(self.damping, (int, float))
+            or not 0 < self.damping < 10
+        ):
             raise ValueError(
                 f"damping must be a positive fraction of the mean Hessian diagonal, got {self.damping!r}."
             )
@@ -173,7 +190,27 @@ class WeightQuantConfig(_JsonConfig):
                     f"NF4 block_size must be a power of two in 32..4096, got {self.block_size!r}; "
                     "64 is the QLoRA default."
                 )
+            ignored = {
+                k: getattr(self, k)
+                for k, default in (
+                    ("granularity", "channel"),
+                    ("group_size", None),
+                    ("symmetric", True),
+                    ("range_method", "minmax"),
+                )
+                if getattr(self, k) != default
+            }
+            if ignored:
+                raise ValueError(
+                    f"NF4 does not use {ignored}: it is symmetric with one absmax per block_size weights. "
+                    "Drop these arguments (set block_size instead), or use format='int'."
+                )
             return
+        if self.block_size != 64 or self.double_quant is not True:
+            raise ValueError(
+                f"block_size={self.block_size!r} / double_quant={self.double_quant!r} are NF4 settings, unused by "
+                "format='int'; drop them, or set format='nf4'."
+            )
         _check_int_bits(self.bits, "weight")
         _check_choice("granularity", self.granularity, GRANULARITIES)
         _check_choice("range_method", self.range_method, RANGE_METHODS)
@@ -217,7 +254,8 @@ class ActivationQuantConfig(_JsonConfig):
         percentile: the percentile used by ``range_method="percentile"``.
 
     Raises:
-        ValueError: on an unsupported bit-width, mode string or range method.
+        ValueError: on an unsupported bit-width, mode string, range method or percentile.
+        TypeError: ``symmetric`` not a bool, ``percentile`` not a number.
     """
 
     bits: int = 8
@@ -228,9 +266,12 @@ class ActivationQuantConfig(_JsonConfig):
 
     def __post_init__(self) -> None:
         _check_int_bits(self.bits, "activation")
+        _check_flags(self, ("symmetric",))
         if not isinstance(self.mode, str) or not self.mode:
             raise ValueError(f"activation mode must be a non-empty string, got {self.mode!r}.")
         _check_choice("range_method", self.range_method, RANGE_METHODS)
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)):
+            raise TypeError(f"percentile must be a number in (50, 100], got {self.percentile!r}.")
         if not 50.0 < float(self.percentile) <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}.")
 

@@ -21,3 +21,36 @@ def module_device(model: nn.Module, default: torch.device | str = "cpu") -> torc
     """
     first = next(itertools.chain(model.parameters(), model.buffers()), None)
     return first.device if first is not None else torch.device(default)
+
+
+def check_device(device: torch.device | str) -> torch.device:
+    """``device`` as a :class:`torch.device`, checked to exist on this machine before any work starts.
+
+    Raises:
+        ValueError: not a device string, or a CUDA/MPS device this machine does not have, or ``meta``.
+
+    Example:
+        >>> check_device("cpu")
+        device(type='cpu')
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device={device!r} is not a device ({err}); use 'cpu', 'cuda' or 'cuda:N'."
+        ) from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={device!r} asks for CUDA, but CUDA is not available here; use device='cpu'."
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                f"use an index below {torch.cuda.device_count()}."
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r} asks for MPS, which is not available here; use device='cpu'.")
+    elif dev.type == "meta":
+        raise ValueError("device='meta' holds no data; load onto 'cpu' or 'cuda'.")
+    return dev

@@ -36,8 +36,10 @@ __all__ = [
     "attach_noise_context",
     "current_noise_level",
     "detach_noise_context",
+    "noise_context_of",
     "noise_level",
     "require_noise_level",
+    "restore_noise_context",
 ]
 
 TimestepRule = Callable[[tuple, dict], Any]
@@ -481,3 +483,20 @@ def detach_noise_context(model: nn.Module) -> None:
     handle = model.__dict__.pop(_HANDLE_ATTR, None)
     if handle is not None:
         handle.remove()
+
+
+def noise_context_of(model: nn.Module) -> NoiseContextHandle | None:
+    """The handle of the noise context attached to ``model``, or None."""
+    return model.__dict__.get(_HANDLE_ATTR)
+
+
+def restore_noise_context(model: nn.Module, previous: NoiseContextHandle | None) -> None:
+    """Put back the noise context ``model`` had (``previous`` from `noise_context_of`; None: none).
+
+    Used to undo `attach_noise_context` when the work it was attached for fails.
+    """
+    if noise_context_of(model) is previous:
+        return
+    detach_noise_context(model)
+    if previous is not None:
+        attach_noise_context(model, previous.schedule, timestep_arg=previous.timestep_arg)

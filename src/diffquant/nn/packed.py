@@ -8,7 +8,9 @@ kernel ``(out, in, kh, kw)`` is flattened to ``(out, in*kh*kw)``) and reshaped b
 
 Containers are built with ``from_float`` (quantize) or ``empty`` (allocate the right shapes, e.g.
 before ``load_state_dict`` of a saved checkpoint), and describe themselves with ``meta()`` — the
-JSON-serialisable facts needed to rebuild them.
+JSON-serialisable facts needed to rebuild them. Loading never trusts a description: ``from_meta``
+checks every field (types, ranges, the expected weight shape) *before* allocating anything, and
+``check_values`` checks the loaded tensors (finite, positive scales, codes in range).
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ class PackedWeight(nn.Module):
         """JSON-serialisable description; ``PackedWeight.from_meta(meta)`` rebuilds an empty container."""
         raise NotImplementedError
 
+    def numerical_warning(self) -> str | None:
+        """A sentence on precision this weight lost beyond what its format promises, or None."""
+        return None
+
     @property
     def numel(self) -> int:
         """Number of weights represented."""
@@ -59,21 +65,81 @@ class PackedWeight(nn.Module):
         return 8.0 * self.storage_bytes / self.numel
 
     @staticmethod
-    def from_meta(meta: dict[str, Any]) -> PackedWeight:
-        """Allocate an empty container described by :meth:`meta` (e.g. before loading a checkpoint)."""
+    def from_meta(meta: dict[str, Any], shape: tuple[int, ...] | None = None) -> PackedWeight:
+        """Allocate an empty container described by :meth:`meta` (e.g. before loading a checkpoint).
+
+        Args:
+            meta: the description; every field is checked before anything is allocated.
+            shape: the weight shape the layer being rebuilt has; the description must match it.
+
+        Raises:
+            ValueError: an unknown format, a missing/unknown/ill-typed field, or another shape (the
+                message names the field).
+        """
+        if not isinstance(meta, dict):
+            raise ValueError(f"the weight description must be a JSON object, got {type(meta).__name__}.")
         fmt = meta.get("format")
         if fmt not in PackedWeight.registry:
             raise ValueError(
                 f"unknown packed weight format {fmt!r}; known: {sorted(PackedWeight.registry)}. "
                 "Was the checkpoint written by a newer diffquant?"
             )
-        return PackedWeight.registry[fmt].empty(meta)
+        cls = PackedWeight.registry[fmt]
+        cls.check_meta(meta, shape)
+        return cls.empty(meta)
+
+    @classmethod
+    def check_meta(cls, meta: dict[str, Any], shape: tuple[int, ...] | None = None) -> None:
+        """Raise ``ValueError`` naming the field unless ``meta`` is a valid description (of ``shape``)."""
+        raise NotImplementedError
+
+    def check_values(self) -> None:
+        """Raise ``ValueError`` naming the tensor unless the stored tensors are usable (finite, positive
+        scales, codes in range). Run after loading untrusted tensors."""
+        raise NotImplementedError
 
     @staticmethod
     def from_float(weight: Tensor, config: WeightQuantConfig) -> PackedWeight:
         """Quantize ``weight`` round-to-nearest as ``config`` says."""
         cls = PackedWeight.registry[config.format]
         return cls.from_float(weight, config)  # type: ignore[attr-defined]
+
+
+def _check_fields(meta: dict[str, Any], expected: set[str]) -> None:
+    missing, unknown = sorted(expected - set(meta)), sorted(set(meta) - expected)
+    if missing or unknown:
+        raise ValueError(f"weight description: missing field(s) {missing}, unknown field(s) {unknown}.")
+
+
+def _int_field(meta: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    value = meta[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"weight field {key!r} must be an integer in {lo}..{hi}, got {value!r}.")
+    return value
+
+
+def _bool_field(meta: dict[str, Any], key: str) -> bool:
+    if not isinstance(meta[key], bool):
+        raise ValueError(f"weight field {key!r} must be true or false, got {meta[key]!r}.")
+    return meta[key]
+
+
+def _check_shape(meta: dict[str, Any], shape: tuple[int, ...] | None) -> tuple[int, ...]:
+    value = meta["shape"]
+    if (
+        not isinstance(value, list)
+        or len(value) not in (2, 4)
+        or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in value)
+    ):
+        raise ValueError(f"weight field 'shape' must be 2 or 4 positive integers, got {value!r}.")
+    if shape is not None and tuple(value) != tuple(shape):
+        raise ValueError(f"weight field 'shape' is {value} but the layer's weight is {list(shape)}.")
+    return tuple(value)
+
+
+def _check_finite(name: str, t: Tensor) -> None:
+    if not torch.isfinite(t).all():
+        raise ValueError(f"tensor {name!r} contains NaN/Inf.")
 
 
 def _flatten_2d(weight: Tensor) -> Tensor:
@@ -133,8 +199,42 @@ class IntPackedWeight(PackedWeight):
 
     @classmethod
     def empty(cls, meta: dict[str, Any]) -> IntPackedWeight:
-        """Allocate from :meth:`meta`."""
+        """Allocate from :meth:`meta` (checked by :meth:`PackedWeight.from_meta`)."""
         return cls(tuple(meta["shape"]), meta["bits"], meta["symmetric"], tuple(meta["scale_shape"]))
+
+    @classmethod
+    def check_meta(cls, meta: dict[str, Any], shape: tuple[int, ...] | None = None) -> None:
+        """Fields, bits 2..8, and a scale shape ``(1, 1)`` or ``(out, n_groups)`` with ``n_groups``
+        dividing the flattened input size (so the scale is never larger than the weight)."""
+        _check_fields(meta, {"format", "shape", "bits", "symmetric", "scale_shape"})
+        out, *rest = _check_shape(meta, shape)
+        _int_field(meta, "bits", 2, 8)
+        _bool_field(meta, "symmetric")
+        scale_shape, fan_in = meta["scale_shape"], math.prod(rest)
+        valid = (
+            isinstance(scale_shape, list)
+            and len(scale_shape) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in scale_shape)
+            and (scale_shape == [1, 1] or (scale_shape[0] == out and fan_in % scale_shape[1] == 0))
+        )
+        if not valid:
+            raise ValueError(
+                f"weight field 'scale_shape' must be [1, 1] or [{out}, n_groups] with n_groups dividing "
+                f"{fan_in}, got {scale_shape!r}."
+            )
+
+    def check_values(self) -> None:
+        """Scales finite and > 0; codes and zero points within ``0 .. 2**bits - 1``."""
+        _check_finite("scale", self.scale)
+        if not (self.scale > 0).all():
+            raise ValueError("tensor 'scale' has zero or negative entries; quantization scales are positive.")
+        top = (1 << self.bits) - 1
+        if packing.storage_bits(self.bits) == 8 and self.bits < 8 and int(self.qdata.max()) > top:
+            raise ValueError(f"tensor 'qdata' holds codes above {top}, out of range for {self.bits} bits.")
+        if not self.symmetric and int(self.zero_point.max()) > top:
+            raise ValueError(
+                f"tensor 'zero_point' holds values above {top}, out of range for {self.bits} bits."
+            )
 
     def meta(self) -> dict[str, Any]:
         """Format, shape, bits, symmetry and scale shape."""
@@ -198,14 +298,57 @@ class NF4PackedWeight(PackedWeight):
             packed.absmax_q = codes.absmax_q
             packed.absmax_scale = codes.absmax_scale
             packed.absmax_offset = codes.absmax_offset
+            flat = weight.detach().reshape(-1).float()
+            blocks = torch.nn.functional.pad(flat, (0, -flat.numel() % config.block_size))
+            absmax = blocks.reshape(-1, config.block_size).abs().amax(dim=1)  # (n_blocks,)
+            kept = absmax > 0
+            error = (nf4.dequantize_absmax(packed.codes()) - absmax).abs()[kept] / absmax[kept]
+            packed.absmax_error = float(error.max()) if error.numel() else 0.0
         else:
             packed.absmax = codes.absmax
         return packed
 
+    MAX_ABSMAX_ERROR: ClassVar[float] = 0.2
+    """Relative error of a double-quantized block absmax above which :meth:`numerical_warning` speaks
+    (typical weights stay under 0.05; one block 100x larger than the rest pushes the others past 0.3)."""
+
+    absmax_error: float = 0.0
+    """Largest relative error of a block's double-quantized absmax, measured by :meth:`from_float`."""
+
+    def numerical_warning(self) -> str | None:
+        """Why this weight lost precision (one outlier block dominating the 8-bit absmax statistics), or
+        None."""
+        if self.absmax_error <= self.MAX_ABSMAX_ERROR:
+            return None
+        return (
+            f"NF4 double quantization distorts block absmax values by up to {100 * self.absmax_error:.0f}% "
+            "(one outlier block dominates the 8-bit absmax statistics); use double_quant=False or a "
+            "smaller block_size for this layer, or keep it in float."
+        )
+
     @classmethod
     def empty(cls, meta: dict[str, Any]) -> NF4PackedWeight:
-        """Allocate from :meth:`meta`."""
+        """Allocate from :meth:`meta` (checked by :meth:`PackedWeight.from_meta`)."""
         return cls(tuple(meta["shape"]), meta["block_size"], meta["double_quant"], torch.float32)
+
+    @classmethod
+    def check_meta(cls, meta: dict[str, Any], shape: tuple[int, ...] | None = None) -> None:
+        """Fields, a power-of-two block size in 32..4096 and a boolean double-quant flag."""
+        _check_fields(meta, {"format", "shape", "block_size", "double_quant"})
+        _check_shape(meta, shape)
+        size = _int_field(meta, "block_size", 32, 4096)
+        if size & (size - 1):
+            raise ValueError(f"weight field 'block_size' must be a power of two, got {size}.")
+        _bool_field(meta, "double_quant")
+
+    def check_values(self) -> None:
+        """Block statistics finite, absmax and its double-quant scales >= 0 (every 4-bit code is valid)."""
+        stats = ("absmax_q", "absmax_scale", "absmax_offset") if self.double_quant else ("absmax",)
+        for name in stats:
+            _check_finite(name, getattr(self, name))
+        for name in ("absmax_scale",) if self.double_quant else ("absmax",):
+            if (getattr(self, name) < 0).any():
+                raise ValueError(f"tensor {name!r} has negative entries; absolute maxima are >= 0.")
 
     def meta(self) -> dict[str, Any]:
         """Format, shape, block size and double-quant flag."""

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from typing import Any
 
 from torch import nn
 
 from diffquant.api import register_weight_method
 from diffquant.config import WeightQuantConfig
+from diffquant.errors import NumericalWarning
 from diffquant.nn.packed import IntPackedWeight
 from diffquant.ptq.calibration import DenoiserCall
 from diffquant.ptq.gptq import QuantResult, gptq_quantize
-from diffquant.ptq.hessian import InputStatistics, condition_number
+from diffquant.ptq.hessian import InputStatistics, condition_number, dead_inputs
 from diffquant.ptq.paths import float_weight_of
 from diffquant.ptq.qronos import qronos_quantize
 from diffquant.ptq.sequential import calibrate_sequentially
@@ -40,6 +42,14 @@ def _solve_layer(
     W = float_weight.reshape(float_weight.shape[0], -1).float()  # (out, in*kh*kw)
     cfg = config.for_layer(W.shape[1])
     H = stats.H.to(W.device)
+    if dead_inputs(H).all():  # GPTQ zeroes the columns of inputs that never fire: here every column
+        warnings.warn(
+            f"layer {name!r}: every calibration input reaching it was zero (or underflowed to zero), so "
+            f"{algorithm} would zero its whole weight; kept at round-to-nearest. Check the calibration data.",
+            NumericalWarning,
+            stacklevel=2,
+        )
+        return {"loss": float("nan"), "damping": 0.0, "retries": 0, "condition": float("nan"), "rtn": True}
     cond = condition_number(H)
     damping = cfg.damping * (DAMPING_BOOST if cond > ILL_CONDITIONED else 1.0)
     common = {

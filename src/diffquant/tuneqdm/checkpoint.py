@@ -1,11 +1,13 @@
-"""Save and load TuneQDM's trained scales: one safetensors file, config and fingerprint in its metadata.
+"""Save and load TuneQDM's trained scales: one safetensors file, config and fingerprints in its metadata.
 
 The file holds only the trainable tensors, ``<layer>.delta_out`` and ``<layer>.delta_in``
 (``(num_experts, C)`` each); the frozen INT weights are re-made from the pretrained model by
 `quantize_model`. Its safetensors metadata holds the `TuneQDMConfig`, an architecture fingerprint (class
-name, and kind and weight shape of every TuneQDM layer) and the SHA-256 of the tensors, so loading into
-a model of another configuration or architecture, or from a damaged file, fails with the reason.
-Files are written atomically; nothing is ever unpickled.
+name, and kind and weight shape of every TuneQDM layer), a fingerprint of the frozen base weights (SHA-256
+of every layer's packed codes, scales, zero points and bias) and one SHA-256 over all of it and the
+tensors, so an edited config or tensor, a damaged file, another configuration or architecture, or
+another pretrained model (unless ``allow_different_base=True``) fails with the reason. Deltas must be
+finite floating-point tensors, at save and at load. Files are written atomically; nothing is ever unpickled.
 
 Inference from a checkpoint (the seed's flow)::
 
@@ -20,22 +22,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from diffquant.io import CheckpointError, atomic_write_bytes
+from diffquant.errors import CheckpointError
+from diffquant.safefile import checksum, read_safetensors, write_checked_safetensors
 from diffquant.tuneqdm.apply import tuneqdm_config, tuneqdm_layers
 from diffquant.tuneqdm.config import TuneQDMConfig
 
 __all__ = ["DELTA_FILE_NAME", "load_delta_config", "load_delta_state", "save_delta_state"]
 
 FORMAT = "diffquant.tuneqdm"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+LEGACY_VERSION = "1"  # only the tensors checksummed, no base fingerprint: loads with a warning
 DELTA_FILE_NAME = "tuneqdm_deltas.safetensors"
 """File name used when a checkpoint path is an existing directory."""
 
@@ -62,7 +65,29 @@ def _fingerprint(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def _sha256(tensors: dict[str, Tensor]) -> str:
+def _base_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the frozen base: every TuneQDM layer's packed codes, scales, zero points and bias."""
+    frozen = {
+        f"{name}.{key}": tensor
+        for name, layer in tuneqdm_layers(model).items()
+        for key, tensor in layer.state_dict().items()
+        if not key.startswith(("delta_out", "delta_in"))
+    }
+    return checksum({}, frozen)
+
+
+def _check_deltas(tensors: dict[str, Tensor], where: str) -> None:
+    """Deltas are finite floating-point scales (the message names the layer). Their sign is not checked:
+    training is unconstrained, and a scale may legitimately cross zero."""
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise ValueError(
+                f"{where}: tensor {key!r} (layer {key.rsplit('.', 1)[0]!r}) is not a finite floating-point "
+                "tensor; TuneQDM scales must be finite (lower the learning rate or re-train)."
+            )
+
+
+def _legacy_sha256(tensors: dict[str, Tensor]) -> str:
     digest = hashlib.sha256()
     for key in sorted(tensors):
         t = tensors[key].contiguous()
@@ -89,7 +114,8 @@ def save_delta_state(model: nn.Module, path: str | os.PathLike, config: TuneQDMC
         The path of the written file.
 
     Raises:
-        ValueError: the model has no TuneQDM layers, or ``config`` differs from theirs.
+        ValueError: the model has no TuneQDM layers, ``config`` differs from theirs, or a delta holds
+            NaN/Inf (the message names the layer).
     """
     model_config = tuneqdm_config(model)
     if config is not None and config != model_config:
@@ -98,45 +124,56 @@ def save_delta_state(model: nn.Module, path: str | os.PathLike, config: TuneQDMC
             f"({_config_differences(config, model_config)}); pass the config given to apply_tuneqdm."
         )
     tensors = {k: v.detach().contiguous().cpu() for k, v in _delta_tensors(model).items()}
+    _check_deltas(tensors, "refusing to save")
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": model_config.to_json(),
         "fingerprint": json.dumps(_fingerprint(model), sort_keys=True),
-        "tensors_sha256": _sha256(tensors),
+        "base_sha256": _base_fingerprint(model),
     }
     file = _file(path)
     file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(file, safetensors_bytes(tensors, metadata))
-    return file
+    return write_checked_safetensors(file, tensors, metadata)
 
 
-def _read(path: str | os.PathLike) -> tuple[TuneQDMConfig, dict[str, Any], dict[str, Tensor]]:
-    """(config, fingerprint, tensors) of a checkpoint, every part validated."""
+def _read(path: str | os.PathLike) -> tuple[TuneQDMConfig, dict[str, Any], str | None, dict[str, Tensor]]:
+    """(config, fingerprint, base fingerprint or None for format 1, tensors), every part validated."""
     file = _file(path)
-    if not file.is_file():
-        raise CheckpointError(f"{file} does not exist; pass the path save_delta_state returned.")
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{file} is not a readable safetensors file ({err}); re-save it.") from err
+    metadata, tensors = read_safetensors(file)
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{file} is not a TuneQDM delta checkpoint (no {FORMAT!r} metadata).")
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{file} has TuneQDM checkpoint version {metadata.get('format_version')!r}; this diffquant reads "
-            f"version {FORMAT_VERSION}. Install the diffquant that wrote it."
+    version = metadata.get("format_version")
+    if version == LEGACY_VERSION:
+        if metadata.get("tensors_sha256") != _legacy_sha256(tensors):
+            raise CheckpointError(f"{file} is corrupt: its tensors do not match their checksum; re-save it.")
+        warnings.warn(
+            f"{file} is a format-1 TuneQDM checkpoint: its config is not checksummed and the frozen base "
+            "weights are not fingerprinted; re-save it with save_delta_state to upgrade it.",
+            stacklevel=3,
         )
-    if metadata.get("tensors_sha256") != _sha256(tensors):
-        raise CheckpointError(f"{file} is corrupt: its tensors do not match their checksum; re-save it.")
+    elif version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{file} has TuneQDM checkpoint version {version!r}; this diffquant reads version "
+            f"{FORMAT_VERSION}. Install the diffquant that wrote it."
+        )
+    elif metadata.get("sha256") != checksum(metadata, tensors):
+        raise CheckpointError(
+            f"{file} fails its checksum: its tensors or metadata (TuneQDM config, fingerprints) were edited or "
+            "damaged after saving; re-save it."
+        )
     try:
         config = TuneQDMConfig.from_json(metadata["config"])
         fingerprint = json.loads(metadata["fingerprint"])
-    except (KeyError, ValueError, TypeError) as err:
+        if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("layers", {}), dict):
+            raise TypeError("the fingerprint must be an object with a 'layers' object")
+    except (KeyError, ValueError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{file} has corrupt metadata ({err}); re-save it.") from err
-    return config, fingerprint, tensors
+    try:
+        _check_deltas(tensors, str(file))
+    except ValueError as err:
+        raise CheckpointError(str(err)) from err
+    return config, fingerprint, metadata.get("base_sha256") if version == FORMAT_VERSION else None, tensors
 
 
 def load_delta_config(path: str | os.PathLike) -> TuneQDMConfig:
@@ -169,18 +206,32 @@ def _check_fingerprint(saved: dict[str, Any], model: dict[str, Any]) -> None:
             )
 
 
-def load_delta_state(model: nn.Module, path: str | os.PathLike) -> None:
+def load_delta_state(
+    model: nn.Module, path: str | os.PathLike, *, allow_different_base: bool = False
+) -> None:
     """Load scales written by `save_delta_state` into ``model``'s TuneQDM layers, in place.
 
     The model must have been prepared with the checkpoint's config (``quantize_model(model,
-    load_delta_config(path))``) from the same pretrained architecture.
+    load_delta_config(path))``) from the same pretrained model: the scales were trained for those frozen
+    weights, which the checkpoint fingerprints. Everything is checked before any scale is written.
+
+    Args:
+        model: the model prepared by `quantize_model` / `apply_tuneqdm`.
+        path: the file (or a directory holding `DELTA_FILE_NAME`).
+        allow_different_base: load even when the frozen weights differ from those the scales were
+            trained on (e.g. a deliberately transferred fine-tune).
 
     Raises:
-        CheckpointError: a missing, corrupt or foreign file; a different config (names each differing
-            field); a different architecture (names the layers); missing or unexpected tensors.
+        CheckpointError: a missing, corrupt, edited or foreign file; a different config (names each
+            differing field); a different architecture (names the layers); other frozen base weights;
+            missing or unexpected tensors; NaN/Inf scales (names the layer).
         ValueError: the model has no TuneQDM layers (CheckpointError is a ValueError too).
+
+    Example:
+        >>> unet = quantize_model(unet, load_delta_config("dog.safetensors"))  # doctest: +SKIP
+        >>> load_delta_state(unet, "dog.safetensors")  # doctest: +SKIP
     """
-    saved_config, fingerprint, tensors = _read(path)
+    saved_config, fingerprint, base, tensors = _read(path)
     model_config = tuneqdm_config(model)
     if saved_config != model_config:
         differences = _config_differences(saved_config, model_config)
@@ -189,6 +240,12 @@ def load_delta_state(model: nn.Module, path: str | os.PathLike) -> None:
             "quantize_model(model, load_delta_config(path))."
         )
     _check_fingerprint(fingerprint, _fingerprint(model))
+    if base is not None and not allow_different_base and base != _base_fingerprint(model):
+        raise CheckpointError(
+            f"{_file(path)} was trained on other frozen weights: the model's packed codes/scales differ from "
+            "the pretrained model the scales were fitted to. Quantize the same pretrained model, or pass "
+            "allow_different_base=True to load them anyway."
+        )
     params = _delta_tensors(model)
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
@@ -196,7 +253,7 @@ def load_delta_state(model: nn.Module, path: str | os.PathLike) -> None:
             f"the checkpoint's tensors do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}."
         )
     for key, param in params.items():
-        if tensors[key].shape != param.shape:
+        if tensors[key].shape != param.shape:  # any float dtype: scales trained in fp32 serve an fp16 model
             raise CheckpointError(
                 f"tensor {key!r} is {list(tensors[key].shape)} in the checkpoint but {list(param.shape)} in "
                 "the model."
