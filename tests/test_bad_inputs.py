@@ -175,7 +175,7 @@ CONFIG_CASES = [
     ("calib-steps-zero", lambda: CalibrationConfig(num_steps=0), ValueError, "num_steps"),
     ("calib-samples-bool", lambda: CalibrationConfig(samples_per_step=True), ValueError, "samples_per_step"),
     ("calib-merge-negative", lambda: CalibrationConfig(merge_batch=-1), ValueError, "merge_batch"),
-    ("quant-version", lambda: QuantConfig(version=2), ValueError, "version 2"),
+    ("quant-version", lambda: QuantConfig(version=3), ValueError, "version 3"),
     (
         "quant-weights-none",
         lambda: QuantConfig(weights=None),
