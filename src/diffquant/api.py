@@ -62,6 +62,17 @@ def register_weight_method(
     return decorator
 
 
+_AFTER_QUANTIZE: list[Callable[[nn.Module], Any]] = []
+
+
+def register_after_quantize(fn: Callable[[nn.Module], Any]) -> Callable[[nn.Module], Any]:
+    """Call ``fn(model)`` at the end of every successful :func:`quantize_` (integrations use it to mark
+    framework models, e.g. diffusers' ``hf_quantizer``). Registering the same function twice is a no-op."""
+    if fn not in _AFTER_QUANTIZE:
+        _AFTER_QUANTIZE.append(fn)
+    return fn
+
+
 def weight_methods() -> tuple[str, ...]:
     """Names of the registered weight methods."""
     return tuple(sorted(_WEIGHT_METHODS))
@@ -167,6 +178,8 @@ def quantize_(
     finally:
         release_float_weights(layers.values())
     model.diffquant_config = config
+    for fn in _AFTER_QUANTIZE:
+        fn(model)
     return model
 
 
