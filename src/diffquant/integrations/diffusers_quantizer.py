@@ -44,7 +44,9 @@ class DiffQuantQuantizer(DiffusersQuantizer):
     """Quantize at load time, or rebuild a diffquant-quantized diffusers model from its checkpoint."""
 
     requires_calibration = False
-    use_keep_in_fp32_modules = True
+    # False: diffusers then passes a fresh list to _process_model_before_weight_loading (never the class
+    # attribute), which that hook fills with the class's own fp32 modules plus ours.
+    use_keep_in_fp32_modules = False
 
     def __init__(self, quantization_config: DiffQuantConfig, **kwargs: Any):
         super().__init__(quantization_config, **kwargs)
@@ -73,7 +75,8 @@ class DiffQuantQuantizer(DiffusersQuantizer):
         if keep_in_fp32_modules is not None:
             # diffusers casts every float tensor whose name has one of these parts to float32 instead of
             # torch_dtype: that is how scales and activation ranges keep their stored precision.
-            keep_in_fp32_modules.extend(m for m in _STORED_DTYPE_MODULES if m not in keep_in_fp32_modules)
+            wanted = [*(type(model)._keep_in_fp32_modules or []), *_STORED_DTYPE_MODULES]
+            keep_in_fp32_modules.extend(m for m in wanted if m not in keep_in_fp32_modules)
         if self.pre_quantized:
             _swap_in_empty_layers(model, self.quantization_config.layers)
         return model
