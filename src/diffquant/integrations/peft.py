@@ -48,6 +48,9 @@ class LoraQuantLinear(LoraLinear):
             raise ValueError("DoRA over a quantized layer is not supported; use plain LoRA (use_dora=False).")
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
 
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Refused (see the module docstring)."""
         _refuse_merge(self)
