@@ -47,6 +47,15 @@ def test_pipeline_quantization_config_quant_mapping(pipeline_dir):
     assert torch.isfinite(run_tiny_pipeline(pipe)).all()
 
 
+def test_pipeline_quantization_config_quant_backend(pipeline_dir):
+    config = PipelineQuantizationConfig(
+        quant_backend="diffquant", quant_kwargs={"weights": {"bits": 8}}, components_to_quantize=["unet"]
+    )
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dir("sd"), quantization_config=config)
+    assert pipe.unet.diffquant_config == INT8
+    assert _n_quantized(pipe.text_encoder) == 0
+
+
 def test_calibrated_config_is_refused_with_a_pointer_to_quantize_(pipeline_dir):
     static = QuantConfig(weights=WeightQuantConfig(bits=8), activations=ActivationQuantConfig(mode="static"))
     with pytest.raises(ValueError, match=r"diffquant\.quantize_\(model, quant_config, calibrate=fn\)"):

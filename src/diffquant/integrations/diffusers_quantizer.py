@@ -249,12 +249,22 @@ def register() -> None:
     """Make ``quant_method="diffquant"`` known to diffusers, and mark diffusers models that
     :func:`diffquant.quantize_` quantizes (:func:`mark_quantized`).
 
+    ``PipelineQuantizationConfig(quant_backend="diffquant", quant_kwargs=..., components_to_quantize=[...])``
+    also checks transformers' config registry, so the config class is added there too; list only diffusers
+    components (denoiser, VAE): transformers text encoders have no diffquant quantizer.
+
     Idempotent; ``import diffquant`` calls it once diffusers' quantizers are imported.
     """
     from diffusers.quantizers import auto
 
     auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = DiffQuantQuantizer
     auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = DiffQuantConfig
+    try:  # PipelineQuantizationConfig(quant_backend=...) also looks the name up in transformers' configs
+        from transformers.quantizers import auto as transformers_auto
+    except ImportError:
+        pass
+    else:
+        transformers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(QUANT_METHOD, DiffQuantConfig)
     register_after_quantize(_mark_if_diffusers)
 
 
