@@ -23,7 +23,6 @@ weights; diffquant's packed weights and quantization parameters keep their dtype
 
 from __future__ import annotations
 
-import types
 import weakref
 from typing import Any
 
@@ -51,6 +50,10 @@ class DiffQuantQuantizer(DiffusersQuantizer):
     def __init__(self, quantization_config: DiffQuantConfig, **kwargs: Any):
         super().__init__(quantization_config, **kwargs)
         self._model: weakref.ReferenceType[nn.Module] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a weak reference cannot be pickled, and a copy must not refresh its config from the original
+        return {**self.__dict__, "_model": None}
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         """Refuse a calibrated config on a float checkpoint, and a pre-quantized config without layers."""
@@ -232,17 +235,20 @@ def mark_quantized(model: nn.Module, quantizer: DiffQuantQuantizer | None = None
     model.is_quantized = False  # see the module docstring: dtype casts are safe for diffquant layers
     model.register_to_config(quantization_config=quantizer.quantization_config)
     if hasattr(model, "fuse_qkv_projections"):
-        model.fuse_qkv_projections = types.MethodType(_refuse_fuse_qkv, model)
+        model.fuse_qkv_projections = _RefuseFuseQKV()
     return model
 
 
-def _refuse_fuse_qkv(self: nn.Module, *args: Any, **kwargs: Any) -> None:
-    raise ValueError(
-        "fuse_qkv_projections() would build a float to_qkv from the dequantized to_q/to_k/to_v weights and "
-        "silently un-quantize them, so diffquant refuses it. Fuse the float model first "
-        "(model.fuse_qkv_projections()), then quantize it (diffquant.quantize_ or from_pretrained with "
-        "DiffQuantConfig): the fused projection is then quantized like any Linear."
-    )
+class _RefuseFuseQKV:
+    """Stands in for ``model.fuse_qkv_projections`` on a quantized model (a picklable callable)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(
+            "fuse_qkv_projections() would build a float to_qkv from the dequantized to_q/to_k/to_v weights "
+            "and silently un-quantize them, so diffquant refuses it. Fuse the float model first "
+            "(model.fuse_qkv_projections()), then quantize it (diffquant.quantize_ or from_pretrained with "
+            "DiffQuantConfig): the fused projection is then quantized like any Linear."
+        )
 
 
 def register() -> None:
