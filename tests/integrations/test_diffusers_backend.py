@@ -9,6 +9,7 @@ from diffusers import DiffusionPipeline, PipelineQuantizationConfig, UNet2DCondi
 import diffquant
 from diffquant import ActivationQuantConfig, QuantConfig, WeightQuantConfig
 from diffquant.integrations.diffusers import DiffQuantConfig
+from diffquant.models.tiny import example_inputs, tiny_unet2d_condition
 from diffquant.models.tiny_pipelines import DENOISER, run_tiny_pipeline
 from diffquant.nn import is_quantized_layer
 
@@ -142,3 +143,19 @@ def test_diffquant_config_json_round_trip():
     assert DiffQuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(ValueError, match="not both"):
         DiffQuantConfig(INT8, weights=WeightQuantConfig(bits=4))
+
+
+def test_calibrated_model_saves_and_reloads_identical(tmp_path):
+    unet = tiny_unet2d_condition()
+    inputs = example_inputs(unet, batch_size=2, timesteps=[3, 500])
+    config = QuantConfig(
+        weights=WeightQuantConfig(
+            bits=4, method="gptq", granularity="group", group_size=8, fallback_granularity="channel"
+        ),
+        activations=ActivationQuantConfig(bits=8, mode="static"),
+    )
+    diffquant.quantize_(unet, config, calibrate=lambda model: model(**inputs))
+    unet.save_pretrained(tmp_path)
+    reloaded = UNet2DConditionModel.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).sample, unet(**inputs).sample)
