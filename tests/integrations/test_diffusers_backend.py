@@ -130,14 +130,6 @@ def _name(model, suffix: str) -> str:
     return next(n for n, _ in model.named_modules() if n.endswith(suffix))
 
 
-def test_fuse_qkv_projections_refuses_on_a_quantized_model(pipeline_dir):
-    pipe = DiffusionPipeline.from_pretrained(pipeline_dir("pixart"))
-    diffquant.quantize_(pipe.transformer, INT8)
-    with pytest.raises(ValueError, match="un-quantize"):
-        pipe.transformer.fuse_qkv_projections()
-    assert not hasattr(pipe.transformer.transformer_blocks[0].attn1, "to_qkv")
-
-
 def test_diffquant_config_json_round_trip():
     config = DiffQuantConfig(weights=WeightQuantConfig(bits=4, granularity="group", group_size=16))
     assert DiffQuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config

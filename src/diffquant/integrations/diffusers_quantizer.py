@@ -33,6 +33,7 @@ from torch import nn
 from diffquant.api import attach_default_noise_context, quantize_, quantized_layers, register_after_quantize
 from diffquant.config import QuantConfig
 from diffquant.integrations.diffusers_config import _DTYPES, DiffQuantConfig
+from diffquant.integrations.fuse_qkv import QuantizedFuseQKV
 from diffquant.nn.qmodules import _QuantLayer, quant_layer_class
 
 QUANT_METHOD = "diffquant"
@@ -235,20 +236,8 @@ def mark_quantized(model: nn.Module, quantizer: DiffQuantQuantizer | None = None
     model.is_quantized = False  # see the module docstring: dtype casts are safe for diffquant layers
     model.register_to_config(quantization_config=quantizer.quantization_config)
     if hasattr(model, "fuse_qkv_projections"):
-        model.fuse_qkv_projections = _RefuseFuseQKV()
+        model.fuse_qkv_projections = QuantizedFuseQKV(model)
     return model
-
-
-class _RefuseFuseQKV:
-    """Stands in for ``model.fuse_qkv_projections`` on a quantized model (a picklable callable)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> None:
-        raise ValueError(
-            "fuse_qkv_projections() would build a float to_qkv from the dequantized to_q/to_k/to_v weights "
-            "and silently un-quantize them, so diffquant refuses it. Fuse the float model first "
-            "(model.fuse_qkv_projections()), then quantize it (diffquant.quantize_ or from_pretrained with "
-            "DiffQuantConfig): the fused projection is then quantized like any Linear."
-        )
 
 
 def register() -> None:
