@@ -98,8 +98,9 @@ class DiffQuantConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"{self.quant_config.label} with weight method {self.quant_config.weights.method!r} and "
                 f"activations {self.quant_config.activations} needs calibration data, which from_pretrained "
-                "does not have. Load the float model, then call diffquant.quantize_(model, quant_config, "
-                "calibrate=fn) with fn running a few sampling steps; model.save_pretrained(dir) then writes a "
+                "does not have. Load the float pipeline and call diffquant.integrations.diffusers.quantize_pipeline("
+                "pipe, quant_config) (or diffquant.quantize_(model, quant_config, calibrate=fn) with fn running "
+                "a few sampling steps); save_pretrained(dir) then writes a "
                 "checkpoint that from_pretrained loads. (RTN / NF4 weights and dynamic activations need no "
                 "calibration.)"
             )

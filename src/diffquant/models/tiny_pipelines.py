@@ -112,6 +112,7 @@ def _t5_text_encoder(seed: int, d_model: int = _TEXT_WIDTH):
         pad_token_id=0,
         eos_token_id=1,
         decoder_start_token_id=0,
+        dropout_rate=0.0,
     )
     return T5EncoderModel(config)
 
@@ -132,12 +133,20 @@ def _vae(latent_channels: int, seed: int, **kwargs) -> AutoencoderKL:
     )
 
 
+def _in_eval_mode(pipe):
+    """Freshly built models are in training mode (dropout); loaded ones are not: match them."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe
+
+
 def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """SD 1.x: ``UNet2DConditionModel`` + ``AutoencoderKL`` + ``CLIPTextModel`` + ``CLIPTokenizer``, DDIM.
 
     Images are 16×16 (8×8 latents, 4 channels); no safety checker.
     """
-    return StableDiffusionPipeline(
+    pipe = StableDiffusionPipeline(
         vae=_vae(4, seed),
         text_encoder=_clip_text_encoder(seed),
         tokenizer=_clip_tokenizer(),
@@ -147,17 +156,19 @@ def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    return _in_eval_mode(pipe)
 
 
 def tiny_pixart_pipeline(seed: int = 0) -> PixArtAlphaPipeline:
     """PixArt-α: ``PixArtTransformer2DModel`` + ``T5EncoderModel`` + T5 tokenizer + ``AutoencoderKL``, DDIM."""
-    return PixArtAlphaPipeline(
+    pipe = PixArtAlphaPipeline(
         tokenizer=_t5_tokenizer(),
         text_encoder=_t5_text_encoder(seed),
         vae=_vae(4, seed),
         transformer=tiny_pixart(sample_size=8, caption_channels=_TEXT_WIDTH, seed=seed),
         scheduler=DDIMScheduler(num_train_timesteps=1000, clip_sample=False, steps_offset=1),
     )
+    return _in_eval_mode(pipe)
 
 
 def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
@@ -176,7 +187,7 @@ def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
         pooled_projection_dim=2 * _TEXT_WIDTH,
         pos_embed_max_size=16,
     )
-    return StableDiffusion3Pipeline(
+    pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=_vae(4, seed, shift_factor=0.0609, scaling_factor=1.5035),
@@ -187,6 +198,7 @@ def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
         text_encoder_3=_t5_text_encoder(seed, d_model=2 * _TEXT_WIDTH),
         tokenizer_3=_t5_tokenizer(),
     )
+    return _in_eval_mode(pipe)
 
 
 def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
@@ -203,7 +215,7 @@ def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
         pooled_projection_dim=_TEXT_WIDTH,
         axes_dims_rope=(4, 4, 8),
     )
-    return FluxPipeline(
+    pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=_vae(4, seed, shift_factor=0.0609, scaling_factor=1.5035),
         text_encoder=_clip_text_encoder(seed),
@@ -212,6 +224,7 @@ def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
         tokenizer_2=_t5_tokenizer(),
         transformer=transformer,
     )
+    return _in_eval_mode(pipe)
 
 
 TINY_PIPELINES = {
