@@ -151,3 +151,16 @@ def test_calibrated_model_saves_and_reloads_identical(tmp_path):
     reloaded = UNet2DConditionModel.from_pretrained(tmp_path)
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).sample, unet(**inputs).sample)
+
+
+def test_dequantize_returns_float_layers_with_the_dequantized_weights(pipeline_dir):
+    unet = UNet2DConditionModel.from_pretrained(
+        pipeline_dir("sd"), subfolder="unet", quantization_config=DiffQuantConfig(NF4)
+    )
+    inputs = example_inputs(unet, batch_size=1, timesteps=[7])
+    with torch.no_grad():
+        quantized = unet(**inputs).sample
+    unet.dequantize()
+    assert _n_quantized(unet) == 0 and getattr(unet, "hf_quantizer", None) is None
+    with torch.no_grad():
+        assert torch.equal(unet(**inputs).sample, quantized)

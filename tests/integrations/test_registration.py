@@ -2,6 +2,7 @@
 
 import copy
 import pickle
+import subprocess
 import sys
 
 import torch
@@ -17,6 +18,17 @@ from diffquant.models.tiny import example_inputs, tiny_unet2d_condition
 def test_import_diffquant_registers_the_backend():
     assert AUTO_QUANTIZER_MAPPING["diffquant"] is DiffQuantQuantizer
     assert AUTO_QUANTIZATION_CONFIG_MAPPING["diffquant"] is DiffQuantConfig
+
+
+def test_import_diffquant_first_registers_once_diffusers_and_peft_load():
+    code = (
+        "import sys, diffquant\n"
+        "assert 'diffusers' not in sys.modules and 'peft' not in sys.modules  # import diffquant stays light\n"
+        "import diffusers.quantizers.auto as auto, peft.tuners.lora.model as lora\n"
+        "print(auto.AUTO_QUANTIZER_MAPPING['diffquant'].__name__, lora.LoraModel._create_new_module._diffquant)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split()[-2:] == ["DiffQuantQuantizer", "True"]
 
 
 def test_when_imported_runs_after_the_first_import(tmp_path, monkeypatch):

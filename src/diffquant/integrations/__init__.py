@@ -10,22 +10,29 @@
 Importing ``diffquant.integrations.diffusers`` or ``diffquant.integrations.peft`` registers directly.
 """
 
+import importlib
+import sys
+
 from diffquant.integrations._import_hooks import when_imported
 
 
-def _register_diffusers() -> None:
-    from diffquant.integrations.diffusers_quantizer import register
+def _import_to_register(*modules: str):
+    """A callback importing ``modules[0]``, whose import registers it — unless one of ``modules`` is
+    already imported or being imported (it registers itself when its import finishes)."""
 
-    register()
+    def callback() -> None:
+        if not any(name in sys.modules for name in modules):
+            importlib.import_module(modules[0])
 
-
-def _register_peft() -> None:
-    from diffquant.integrations.peft import register
-
-    register()
+    return callback
 
 
 def install_hooks() -> None:
     """Register with diffusers / peft now if imported, else right after they are (idempotent)."""
-    when_imported("diffusers.quantizers.auto", _register_diffusers)
-    when_imported("peft.tuners.lora.model", _register_peft)
+    when_imported(
+        "diffusers.quantizers.auto",
+        _import_to_register(
+            "diffquant.integrations.diffusers_quantizer", "diffquant.integrations.diffusers_config"
+        ),
+    )
+    when_imported("peft.tuners.lora.model", _import_to_register("diffquant.integrations.peft"))

@@ -13,6 +13,4 @@ from diffquant.integrations.diffusers_config import DiffQuantConfig
 from diffquant.integrations.diffusers_quantizer import DiffQuantQuantizer, mark_quantized, register
 from diffquant.integrations.pipeline import quantize_pipeline
 
-register()
-
 __all__ = ["DiffQuantConfig", "DiffQuantQuantizer", "mark_quantized", "quantize_pipeline", "register"]

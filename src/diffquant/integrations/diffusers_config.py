@@ -130,3 +130,7 @@ class DiffQuantConfig(QuantizationConfigMixin):
 def _all_objects(fields: dict[str, Any]) -> bool:
     """True when QuantConfig fields are given as objects (``WeightQuantConfig(...)``), not JSON dicts."""
     return not any(isinstance(v, dict) for v in fields.values())
+
+
+# Importing the quantizer registers the backend (placed last: the quantizer imports this module).
+import diffquant.integrations.diffusers_quantizer  # noqa: E402, F401

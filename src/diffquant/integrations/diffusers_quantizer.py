@@ -266,3 +266,6 @@ def register() -> None:
 def _mark_if_diffusers(model: nn.Module) -> None:
     if getattr(model, "hf_quantizer", None) is None:
         mark_quantized(model)
+
+
+register()
