@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from diffquant import __version__
-from diffquant.api import attach_default_noise_context, quantized_layers
+from diffquant.api import attach_default_noise_context, notify_quantized, quantized_layers
 from diffquant.config import QuantConfig
 from diffquant.nn.qmodules import _QuantLayer, quant_layer_class
 
@@ -74,7 +74,9 @@ def _model_config(model: nn.Module) -> dict[str, Any] | None:
     config = getattr(model, "config", None)  # diffusers ConfigMixin models expose a FrozenDict config
     if config is None or not hasattr(model, "from_config"):
         return None
-    return json.loads(json.dumps(dict(config), default=str))
+    # a diffusers quantization_config (and its load dtype) describes a checkpoint, not the architecture
+    skip = ("quantization_config", "_pre_quantization_dtype")
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in skip}, default=str))
 
 
 def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -230,4 +232,7 @@ def load_quantized(
     model.diffquant_config = QuantConfig.from_dict(description["quant_config"])
     model.to(device)
     attach_default_noise_context(model, schedule)
+    notify_quantized(
+        model
+    )  # e.g. diffusers models get marked so save_pretrained writes a quantized checkpoint
     return model

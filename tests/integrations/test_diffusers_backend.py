@@ -164,3 +164,14 @@ def test_dequantize_returns_float_layers_with_the_dequantized_weights(pipeline_d
     assert _n_quantized(unet) == 0 and getattr(unet, "hf_quantizer", None) is None
     with torch.no_grad():
         assert torch.equal(unet(**inputs).sample, quantized)
+
+
+def test_load_quantized_checkpoint_re_saves_the_diffusers_way(tmp_path):
+    unet = diffquant.quantize_(tiny_unet2d_condition(), INT8)
+    diffquant.save_quantized(unet, tmp_path / "diffquant-format")
+    loaded = diffquant.load_quantized(tmp_path / "diffquant-format")
+    loaded.save_pretrained(tmp_path / "diffusers-format")
+    reloaded = UNet2DConditionModel.from_pretrained(tmp_path / "diffusers-format")
+    inputs = example_inputs(unet, batch_size=1, timesteps=[9])
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).sample, unet(**inputs).sample)
