@@ -13,8 +13,11 @@ from diffquant._version import __version__
 from diffquant.api import calibrate_activations, quantize_, register_weight_method, weight_bits_per_parameter
 from diffquant.config import ActivationQuantConfig, LayerOverride, QuantConfig, WeightQuantConfig
 from diffquant.errors import NumericalWarning
+from diffquant.integrations import install_hooks as _install_integration_hooks
 from diffquant.io import CheckpointError, load_quantized, save_quantized
 from diffquant.ptq import methods as _ptq_methods  # noqa: F401  (registers the "gptq" and "qronos" weight methods)
+
+_install_integration_hooks()  # diffusers / peft learn about diffquant when (and if) they are imported
 
 __all__ = [
     "ActivationQuantConfig",

@@ -69,6 +69,25 @@ def register_weight_method(
     return decorator
 
 
+_AFTER_QUANTIZE: list[Callable[[nn.Module], Any]] = []
+
+
+def register_after_quantize(fn: Callable[[nn.Module], Any]) -> Callable[[nn.Module], Any]:
+    """Call ``fn(model)`` at the end of every successful :func:`quantize_` and ``load_quantized``
+    (integrations use it to mark framework models, e.g. diffusers' ``hf_quantizer``). Registering the
+    same function twice is a no-op."""
+    if fn not in _AFTER_QUANTIZE:
+        _AFTER_QUANTIZE.append(fn)
+    return fn
+
+
+def notify_quantized(model: nn.Module) -> None:
+    """Run the :func:`register_after_quantize` functions on a model that has just become quantized
+    (by :func:`quantize_`, or by ``load_quantized``)."""
+    for fn in _AFTER_QUANTIZE:
+        fn(model)
+
+
 def weight_methods() -> tuple[str, ...]:
     """Names of the registered weight methods."""
     return tuple(sorted(_WEIGHT_METHODS))
@@ -176,6 +195,7 @@ def quantize_(
                     calls,
                 )
     model.diffquant_config = config
+    notify_quantized(model)
     return model
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from diffquant._version import __version__
-from diffquant.api import attach_default_noise_context, quantized_layers
+from diffquant.api import attach_default_noise_context, notify_quantized, quantized_layers
 from diffquant.config import QuantConfig
 from diffquant.devices import check_device
 from diffquant.errors import CheckpointError
@@ -70,7 +70,9 @@ def _model_config(model: nn.Module) -> dict[str, Any] | None:
     config = getattr(model, "config", None)  # diffusers ConfigMixin models expose a FrozenDict config
     if config is None or not hasattr(model, "from_config"):
         return None
-    return json.loads(json.dumps(dict(config), default=str))
+    # a diffusers quantization_config (and its load dtype) describes a checkpoint, not the architecture
+    skip = ("quantization_config", "_pre_quantization_dtype")
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in skip}, default=str))
 
 
 def _refuse_non_finite(model: nn.Module, state: dict[str, Tensor]) -> None:
@@ -378,4 +380,6 @@ def load_quantized(
         model.set_submodule(name, layer)
     model.load_state_dict(rest, strict=False)
     model.diffquant_config = quant_config
-    return model.to(device)
+    model.to(device)
+    notify_quantized(model)  # e.g. diffusers models get marked so save_pretrained writes a quantized checkpoint
+    return model

@@ -49,6 +49,23 @@ class PackedWeight(nn.Module):
         """A sentence on precision this weight lost beyond what its format promises, or None."""
         return None
 
+    def _apply(self, fn, recurse=True):
+        """Device moves apply, dtype casts do not: codes and scales keep their stored dtypes, so
+        ``model.to(torch.bfloat16)`` leaves the float32 scales exact (``dequantize(dtype)`` computes in
+        float32 and casts the weight to the compute dtype at use)."""
+        stored = {name: buf for name, buf in self._buffers.items() if buf is not None}
+        super()._apply(fn, recurse)
+        for name, old in stored.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """Where the packed codes live (peft reads ``layer.qweight.device`` when it wraps a layer)."""
+        return self.qdata.device
+
     @property
     def numel(self) -> int:
         """Number of weights represented."""
