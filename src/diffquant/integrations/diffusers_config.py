@@ -1,4 +1,6 @@
-"""``DiffQuantConfig``: a diffusers quantization config (``quant_method="diffquant"``) around a QuantConfig."""
+"""``DiffQuantConfig``: a diffusers quantization config (``quant_method="diffquant"``) around a QuantConfig.
+
+Import it from :mod:`diffquant.integrations.diffusers`, which also registers the backend with diffusers."""
 
 from __future__ import annotations
 
@@ -131,6 +133,3 @@ def _all_objects(fields: dict[str, Any]) -> bool:
     """True when QuantConfig fields are given as objects (``WeightQuantConfig(...)``), not JSON dicts."""
     return not any(isinstance(v, dict) for v in fields.values())
 
-
-# Importing the quantizer registers the backend (placed last: the quantizer imports this module).
-import diffquant.integrations.diffusers_quantizer  # noqa: E402, F401
