@@ -163,7 +163,9 @@ def quantize_(
             )
         for what, tensor in (("weights", layer.weight), ("bias", layer.bias)):
             if tensor is not None and not torch.isfinite(tensor).all():
-                raise ValueError(f"layer {name!r} has NaN/Inf {what}; fix the float model before quantizing it.")
+                raise ValueError(
+                    f"layer {name!r} has NaN/Inf {what}; fix the float model before quantizing it."
+                )
     _check_group_size(originals, targets.configs)
     with _rolled_back_on_error(model, originals):
         attach_default_noise_context(model, schedule)

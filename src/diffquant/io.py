@@ -381,5 +381,7 @@ def load_quantized(
     model.load_state_dict(rest, strict=False)
     model.diffquant_config = quant_config
     model.to(device)
-    notify_quantized(model)  # e.g. diffusers models get marked so save_pretrained writes a quantized checkpoint
+    notify_quantized(
+        model
+    )  # e.g. diffusers models get marked so save_pretrained writes a quantized checkpoint
     return model

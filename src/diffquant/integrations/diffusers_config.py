@@ -132,4 +132,3 @@ class DiffQuantConfig(QuantizationConfigMixin):
 def _all_objects(fields: dict[str, Any]) -> bool:
     """True when QuantConfig fields are given as objects (``WeightQuantConfig(...)``), not JSON dicts."""
     return not any(isinstance(v, dict) for v in fields.values())
-
