@@ -1,0 +1,243 @@
+"""One W8A8 layer's integer execution: its prepacked weights, its candidate paths, the choice.
+
+:class:`W8A8Kernels` is built from a layer's int8 weight codes and per-channel scales and holds the
+prepacked forms (packed lazily, the first time a path is tried). :meth:`W8A8Kernels.run` quantizes
+the input with the scale of *this call* (a runtime argument: static, per-token or per-timestep),
+picks the path measured fastest for the problem (:mod:`diffquant.kernels.select`) and runs it.
+
+Activation scale granularities:
+
+============  ==========================================  ==================================
+granularity   scale / zero point shape                    integer paths
+============  ==========================================  ==================================
+``tensor``    one value (or all values equal)             oneDNN linear/conv, ``_int_mm``
+``row``       Linear: one per row ``(..., 1)``            ``_int_mm``
+``sample``    Conv2d: one per sample ``(N, 1, 1, 1)``     oneDNN conv per sample group
+``pixel``     Conv2d: one per pixel ``(N, 1, H, W)``      1×1 convs only, as a GEMM (``_int_mm``)
+============  ==========================================  ==================================
+
+A 3×3 conv with per-pixel scales has no integer form (the scale varies inside the window sum):
+it runs the reference path.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from diffquant.kernels import w8a8
+from diffquant.kernels.isa import cpu_isa
+from diffquant.kernels.mode import get_kernel_mode, mode_generation
+from diffquant.kernels.select import REFERENCE, agrees_within_rounding, cached_choice, choose
+
+_EPS = torch.finfo(torch.float32).eps
+
+
+@dataclass(frozen=True)
+class ConvArgs:
+    """Conv2d hyper-parameters (integer padding only)."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+    @property
+    def is_pointwise(self) -> bool:
+        """A 1×1-style conv that is a GEMM over pixels (stride 1, no padding, one group)."""
+        return self.stride == (1, 1) and self.padding == (0, 0) and self.groups == 1
+
+
+class W8A8Kernels:
+    """Integer paths of one layer.
+
+    Args:
+        codes: int8 weight codes, ``(out, in)`` (Linear) or ``(out, in/groups, kh, kw)`` (Conv2d).
+        w_scale: float32 ``(out,)``.
+        conv: the conv arguments, or None for a Linear layer.
+    """
+
+    def __init__(self, codes: Tensor, w_scale: Tensor, conv: ConvArgs | None):
+        self.codes = codes
+        self.w_scale = w_scale
+        self.conv = conv
+        self.pointwise = conv is not None and conv.is_pointwise and codes.shape[2:] == (1, 1)
+        self._packs: dict[str, object] = {}
+        self.paths_used: dict[tuple, str] = {}  # (input shape, granularity) → path, for kernel_report
+
+    # --- prepacked weights (lazily) ---
+
+    def _pack(self, name: str, build: Callable[[], object]) -> object:
+        if name not in self._packs:
+            self._packs[name] = build()
+        return self._packs[name]
+
+    def _gemm_codes(self) -> Tensor:
+        return self.codes.reshape(self.codes.shape[0], -1)  # (out, in) for Linear and 1×1 convs
+
+    def _onednn_linear(self, codes: Tensor, x_scale: Tensor, x_zero: Tensor, bias: Tensor | None) -> Tensor:
+        packed = self._pack("onednn-linear", lambda: w8a8.onednn_pack_linear(self._gemm_codes()))
+        return w8a8.onednn_linear(codes, x_scale, x_zero, packed, self.w_scale, bias)
+
+    def _int_mm(self, codes: Tensor, x_scale: Tensor, x_zero: Tensor, bias: Tensor | None) -> Tensor:
+        weight_t, col_sums = self._pack("int_mm", lambda: w8a8.int_mm_pack(self._gemm_codes()))
+        return w8a8.int_mm_linear(codes, x_scale, x_zero, weight_t, col_sums, self.w_scale, bias)
+
+    def _onednn_conv(self, codes: Tensor, x_scale: Tensor, x_zero: Tensor, bias: Tensor | None) -> Tensor:
+        c = self.conv
+        packed = self._pack(
+            "onednn-conv",
+            lambda: w8a8.onednn_pack_conv(
+                self.codes, self.w_scale, c.stride, c.padding, c.dilation, c.groups
+            ),
+        )
+        return w8a8.onednn_conv2d(
+            codes, x_scale, x_zero, packed, self.w_scale, bias, c.stride, c.padding, c.dilation, c.groups
+        )
+
+    # --- candidates per granularity ---
+
+    def _onednn_allowed(self, device: torch.device) -> bool:
+        isa = cpu_isa()
+        if device.type != "cpu" or not isa.onednn:
+            return False
+        return isa.exact_int8 or get_kernel_mode() == "saturating" or w8a8.int16_pairs_safe(self.codes)
+
+    def _int_mm_allowed(self, device: torch.device, rows: int) -> bool:
+        if device.type == "cuda":  # cuBLAS int8 GEMM shape rules
+            out, inner = self._gemm_codes().shape
+            return rows > 16 and inner % 8 == 0 and out % 8 == 0
+        return device.type == "cpu"
+
+    def _candidates(
+        self, x: Tensor, codes: Tensor, x_scale: Tensor, x_zero: Tensor, granularity: str, bias: Tensor | None
+    ) -> dict[str, Callable[[], Tensor]]:
+        """name → output function; ``codes``/``x_scale``/``x_zero`` are shaped like ``x``'s scales."""
+        found: dict[str, Callable[[], Tensor]] = {}
+        device = x.device
+        if self.conv is None:
+            rows = codes.reshape(-1, codes.shape[-1])  # (M, in)
+            scale2d, zero2d = _per_row(x_scale, rows.shape[0]), _per_row(x_zero, rows.shape[0])
+
+            def shaped(y: Tensor) -> Tensor:
+                return y.reshape(*x.shape[:-1], y.shape[-1])  # (..., out)
+
+            if granularity == "tensor" and self._onednn_allowed(device):
+                s, z = x_scale.reshape(()), x_zero.reshape(())
+                found["onednn-w8a8-linear"] = lambda: shaped(self._onednn_linear(rows, s, z, bias))
+            if self._int_mm_allowed(device, rows.shape[0]):
+                found["int_mm-w8a8-linear"] = lambda: shaped(self._int_mm(rows, scale2d, zero2d, bias))
+            return found
+        n, _, h, w = x.shape
+        if granularity in ("tensor", "sample") and self._onednn_allowed(device):
+            found["onednn-w8a8-conv"] = lambda: _by_sample(self._onednn_conv, codes, x_scale, x_zero, bias)
+        if self.pointwise:
+            pixels = codes.permute(0, 2, 3, 1).reshape(n * h * w, -1)  # (N*H*W, C)
+            pix_scale = _pixel_rows(x_scale, n, h, w)
+            pix_zero = _pixel_rows(x_zero, n, h, w)
+
+            def as_image(y: Tensor) -> Tensor:  # (N*H*W, out) -> (N, out, H, W), x's memory format
+                y = y.reshape(n, h, w, -1).permute(0, 3, 1, 2)
+                return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
+
+            if granularity == "tensor" and self._onednn_allowed(device):
+                s, z = x_scale.reshape(()), x_zero.reshape(())
+                found["onednn-w8a8-conv1x1-gemm"] = lambda: as_image(self._onednn_linear(pixels, s, z, bias))
+            if self._int_mm_allowed(device, pixels.shape[0]):
+                found["int_mm-w8a8-conv1x1-gemm"] = lambda: as_image(
+                    self._int_mm(pixels, pix_scale, pix_zero, bias)
+                )
+        return found
+
+    # --- the forward ---
+
+    def run(
+        self,
+        x: Tensor,
+        scale: Tensor,
+        zero_point: Tensor,
+        qmin: int,
+        qmax: int,
+        bias: Tensor | None,
+        reference: Callable[[], Tensor],
+    ) -> Tensor:
+        """The layer's output for float32 input ``x`` quantized with ``scale``/``zero_point`` (broadcast
+        against ``x``, as the activation quantizer uses them), by the path chosen for this problem."""
+        granularity = self._granularity(x, scale, zero_point)
+        if granularity == "tensor":
+            scale, zero_point = scale.reshape(-1)[0], zero_point.reshape(-1)[0]
+        codes = w8a8.activation_codes(x, scale, zero_point, qmin, qmax)
+        x_scale = scale.float()
+        x_zero = (zero_point - qmin).to(torch.int32)
+        problem = (
+            "conv2d" if self.conv else "linear",
+            tuple(self.codes.shape),
+            self.conv,
+            tuple(x.shape),
+            granularity,
+            x.device.type,
+            mode_generation(),
+        )
+        candidates = self._candidates(x, codes, x_scale, x_zero, granularity, bias)
+        key = (tuple(x.shape), granularity)
+        chosen = cached_choice(problem)
+        if chosen is None or (chosen != REFERENCE and chosen not in candidates):
+            bound = lambda: self._rounding_bound(codes, x_scale, x_zero, bias)  # noqa: E731
+            chosen, out = choose(problem, candidates, reference, agrees_within_rounding(bound))
+            self.paths_used[key] = chosen
+            return out
+        self.paths_used[key] = chosen
+        return reference() if chosen == REFERENCE else candidates[chosen]()
+
+    def _granularity(self, x: Tensor, scale: Tensor, zero_point: Tensor) -> str:
+        first_scale, first_zero = scale.reshape(-1)[0], zero_point.reshape(-1)[0]
+        if scale.numel() == 1 or bool(((scale == first_scale) & (zero_point == first_zero)).all()):
+            return "tensor"
+        if self.conv is None:
+            return "row"
+        return "sample" if scale.shape[2:] == (1, 1) else "pixel"
+
+    def _rounding_bound(self, codes: Tensor, x_scale: Tensor, x_zero: Tensor, bias: Tensor | None) -> Tensor:
+        """Elementwise bound on |fast − reference|: both round a K-term float sum (≤ (K+2)·ε·Σ|terms|)."""
+        x_abs = (codes.to(torch.int32) - x_zero).abs().float() * x_scale  # |x̂|
+        w_abs = self.codes.float().abs() * self.w_scale.reshape(-1, *([1] * (self.codes.ndim - 1)))  # |Ŵ|
+        inner = self.codes[0].numel()
+        if self.conv is None:
+            terms = F.linear(x_abs, w_abs)
+        else:
+            c = self.conv
+            terms = F.conv2d(x_abs, w_abs, None, c.stride, c.padding, c.dilation, c.groups)
+        bias_abs = (
+            0.0 if bias is None else bias.abs().reshape(-1, *([1] * (terms.ndim - 2 if self.conv else 0)))
+        )
+        return 2 * (inner + 2) * _EPS * (terms + bias_abs) + 1e-30
+
+
+def _per_row(values: Tensor, rows: int) -> Tensor:
+    """A scale/zero point broadcastable to ``(..., 1)`` as ``(rows, 1)`` (or 0-d when per tensor)."""
+    return (
+        values.reshape(()) if values.numel() == 1 else values.expand(*values.shape[:-1], 1).reshape(rows, 1)
+    )
+
+
+def _pixel_rows(values: Tensor, n: int, h: int, w: int) -> Tensor:
+    """``(N|1, 1, H|1, W|1)`` scales as one per pixel row ``(N*H*W, 1)`` (0-d when per tensor)."""
+    if values.numel() == 1:
+        return values.reshape(())
+    return values.expand(n, 1, h, w).permute(0, 2, 3, 1).reshape(n * h * w, 1)
+
+
+def _by_sample(conv: Callable, codes: Tensor, x_scale: Tensor, x_zero: Tensor, bias: Tensor | None) -> Tensor:
+    """Run a per-tensor conv once per group of consecutive samples that share (scale, zero point)."""
+    if x_scale.numel() == 1:
+        return conv(codes, x_scale.reshape(()), x_zero.reshape(()), bias)
+    scales, zeros = x_scale.reshape(-1), x_zero.reshape(-1)  # (N,)
+    same = (scales[1:] == scales[:-1]) & (zeros[1:] == zeros[:-1])
+    starts = [0, *(torch.nonzero(~same).reshape(-1) + 1).tolist(), scales.numel()]
+    parts = [conv(codes[a:b], scales[a], zeros[a], bias) for a, b in itertools.pairwise(starts)]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
