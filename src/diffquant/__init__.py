@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 from diffquant.api import calibrate_activations, quantize_, register_weight_method, weight_bits_per_parameter
 from diffquant.config import ActivationQuantConfig, QuantConfig, WeightQuantConfig
 from diffquant.io import CheckpointError, load_quantized, save_quantized
+from diffquant.nn.kernel_dispatch import kernel_report
 from diffquant.ptq import methods as _ptq_methods  # noqa: F401  (registers the "gptq" and "qronos" weight methods)
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "WeightQuantConfig",
     "__version__",
     "calibrate_activations",
+    "kernel_report",
     "load_quantized",
     "quantize_",
     "register_weight_method",

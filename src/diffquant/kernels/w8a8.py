@@ -39,7 +39,7 @@ def channel_scales(scale: Tensor, out_features: int) -> Tensor:
 
 def onednn_pack_linear(codes: Tensor) -> Tensor:
     """Prepack int8 weight codes ``(out, in)`` for :func:`onednn_linear` (an opaque oneDNN tensor)."""
-    return torch.ops.onednn.qlinear_prepack(codes.t(), None)  # the op takes the (in, out) view
+    return torch.ops.onednn.qlinear_prepack(codes.contiguous(), None)
 
 
 def onednn_linear(
@@ -106,7 +106,7 @@ def onednn_conv2d(
 
 def int_mm_pack(codes: Tensor) -> tuple[Tensor, Tensor]:
     """``(W_q^T (in, out) int8, column sums (out,) int32)`` for :func:`int_mm_linear`."""
-    return codes.t().contiguous(), codes.to(torch.int32).sum(dim=1)
+    return codes.t().contiguous(), codes.to(torch.int32).sum(dim=1, dtype=torch.int32)
 
 
 def int_mm_accumulators(codes: Tensor, x_zero: Tensor, weight_t: Tensor, col_sums: Tensor) -> Tensor:

@@ -103,16 +103,19 @@ class W8A8Kernels:
     # --- candidates per granularity ---
 
     def _onednn_allowed(self, device: torch.device) -> bool:
-        isa = cpu_isa()
-        if device.type != "cpu" or not isa.onednn:
-            return False
-        return isa.exact_int8 or get_kernel_mode() == "saturating" or w8a8.int16_pairs_safe(self.codes)
+        return device.type == "cpu" and cpu_isa().onednn and self._exact_on_cpu()
 
     def _int_mm_allowed(self, device: torch.device, rows: int) -> bool:
         if device.type == "cuda":  # cuBLAS int8 GEMM shape rules
             out, inner = self._gemm_codes().shape
             return rows > 16 and inner % 8 == 0 and out % 8 == 0
-        return device.type == "cpu"
+        return device.type == "cpu" and self._exact_on_cpu()
+
+    def _exact_on_cpu(self) -> bool:
+        """oneDNN's u8·s8 GEMMs (``_int_mm`` included) are exact here, or the user accepts saturation."""
+        if "int16-safe" not in self._packs:
+            self._packs["int16-safe"] = w8a8.int16_pairs_safe(self.codes)
+        return cpu_isa().exact_int8 or get_kernel_mode() == "saturating" or bool(self._packs["int16-safe"])
 
     def _candidates(
         self, x: Tensor, codes: Tensor, x_scale: Tensor, x_zero: Tensor, granularity: str, bias: Tensor | None
@@ -122,7 +125,7 @@ class W8A8Kernels:
         device = x.device
         if self.conv is None:
             rows = codes.reshape(-1, codes.shape[-1])  # (M, in)
-            scale2d, zero2d = _per_row(x_scale, rows.shape[0]), _per_row(x_zero, rows.shape[0])
+            scale2d, zero2d = _per_row(x_scale, x.shape[:-1]), _per_row(x_zero, x.shape[:-1])
 
             def shaped(y: Tensor) -> Tensor:
                 return y.reshape(*x.shape[:-1], y.shape[-1])  # (..., out)
@@ -168,12 +171,7 @@ class W8A8Kernels:
     ) -> Tensor:
         """The layer's output for float32 input ``x`` quantized with ``scale``/``zero_point`` (broadcast
         against ``x``, as the activation quantizer uses them), by the path chosen for this problem."""
-        granularity = self._granularity(x, scale, zero_point)
-        if granularity == "tensor":
-            scale, zero_point = scale.reshape(-1)[0], zero_point.reshape(-1)[0]
-        codes = w8a8.activation_codes(x, scale, zero_point, qmin, qmax)
-        x_scale = scale.float()
-        x_zero = (zero_point - qmin).to(torch.int32)
+        granularity, codes, x_scale, x_zero = self._quantize(x, scale, zero_point, qmin, qmax)
         problem = (
             "conv2d" if self.conv else "linear",
             tuple(self.codes.shape),
@@ -193,6 +191,31 @@ class W8A8Kernels:
             return out
         self.paths_used[key] = chosen
         return reference() if chosen == REFERENCE else candidates[chosen]()
+
+    def outputs_by_path(
+        self, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, bias: Tensor | None
+    ) -> dict[str, Tensor]:
+        """Every integer path's output for this input (for tests and diagnostics; nothing is chosen)."""
+        granularity, codes, x_scale, x_zero = self._quantize(x, scale, zero_point, qmin, qmax)
+        candidates = self._candidates(x, codes, x_scale, x_zero, granularity, bias)
+        return {name: fn() for name, fn in candidates.items()}
+
+    def rounding_bound(
+        self, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, bias: Tensor | None
+    ) -> Tensor:
+        """The elementwise tolerance between an integer path and the reference path (see the README)."""
+        _, codes, x_scale, x_zero = self._quantize(x, scale, zero_point, qmin, qmax)
+        return self._rounding_bound(codes, x_scale, x_zero, bias)
+
+    def _quantize(
+        self, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int
+    ) -> tuple[str, Tensor, Tensor, Tensor]:
+        """(granularity, uint8 codes, float32 scale, int32 zero point shifted by ``-qmin``)."""
+        granularity = self._granularity(x, scale, zero_point)
+        if granularity == "tensor":
+            scale, zero_point = scale.reshape(-1)[0], zero_point.reshape(-1)[0]
+        codes = w8a8.activation_codes(x, scale, zero_point, qmin, qmax)
+        return granularity, codes, scale.float(), (zero_point - qmin).to(torch.int32)
 
     def _granularity(self, x: Tensor, scale: Tensor, zero_point: Tensor) -> str:
         first_scale, first_zero = scale.reshape(-1)[0], zero_point.reshape(-1)[0]
@@ -218,11 +241,11 @@ class W8A8Kernels:
         return 2 * (inner + 2) * _EPS * (terms + bias_abs) + 1e-30
 
 
-def _per_row(values: Tensor, rows: int) -> Tensor:
-    """A scale/zero point broadcastable to ``(..., 1)`` as ``(rows, 1)`` (or 0-d when per tensor)."""
-    return (
-        values.reshape(()) if values.numel() == 1 else values.expand(*values.shape[:-1], 1).reshape(rows, 1)
-    )
+def _per_row(values: Tensor, lead: tuple[int, ...]) -> Tensor:
+    """A scale/zero point broadcastable to ``(*lead, 1)`` as ``(prod(lead), 1)`` (0-d when per tensor)."""
+    if values.numel() == 1:
+        return values.reshape(())
+    return values.expand(*lead, 1).reshape(-1, 1)
 
 
 def _pixel_rows(values: Tensor, n: int, h: int, w: int) -> Tensor:

@@ -104,6 +104,26 @@ def fast_forward(layer: nn.Module, x: Tensor, reference: Callable[[Tensor], Tens
         return _kernels(layer).run(x, scale, zero_point, quant.qmin, quant.qmax, bias, lambda: reference(x))
 
 
+@torch.no_grad()
+def integer_path_outputs(layer: nn.Module, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """Every integer path's output of ``layer`` for ``x`` and the tolerance to the reference path.
+
+    For tests and diagnostics: nothing is chosen or cached as a choice.
+
+    Raises:
+        ValueError: when ``layer`` has no integer path (the message says why).
+    """
+    reason = ineligible_reason(layer)
+    qparams = layer.input_quant.integer_qparams(x) if reason is None else None
+    if qparams is None:
+        raise ValueError(f"{type(layer).__name__} has no integer path: {reason or 'quantizer not ready'}.")
+    quant = layer.input_quant
+    bias = layer.bias.detach() if layer.bias is not None else None
+    kernels = _kernels(layer)
+    args = (x, *qparams, quant.qmin, quant.qmax, bias)
+    return kernels.outputs_by_path(*args), kernels.rounding_bound(*args)
+
+
 @dataclass
 class LayerPath:
     """One quantized layer in a :class:`KernelReport`.
@@ -147,9 +167,13 @@ class KernelReport:
             out[layer.summary] = out.get(layer.summary, 0) + 1
         return out
 
-    def __str__(self) -> str:
+    def summary(self) -> str:
+        """The ISA, the mode and the number of layers per path (one line each)."""
         lines = [f"ISA {self.isa}, kernel mode {self.mode!r}; {len(self.layers)} quantized layers"]
-        lines += [f"  {n:4d} × {path}" for path, n in sorted(self.counts().items())]
+        return "\n".join(lines + [f"  {n:4d} × {path}" for path, n in sorted(self.counts().items())])
+
+    def __str__(self) -> str:
+        lines = [self.summary()]
         for layer in self.layers:
             note = f"  ({layer.note})" if layer.note else ""
             lines.append(f"  {layer.name} [{layer.kind}]: {layer.summary}{note}")
