@@ -23,6 +23,7 @@ it runs the reference path.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,28 +58,48 @@ class W8A8Kernels:
     """Integer paths of one layer.
 
     Args:
-        codes: int8 weight codes, ``(out, in)`` (Linear) or ``(out, in/groups, kh, kw)`` (Conv2d).
+        codes: returns the int8 weight codes, ``(out, in)`` (Linear) or ``(out, in/groups, kh, kw)``
+            (Conv2d); called only while packing or choosing, so no unpacked copy stays resident.
+        shape: the shape of those codes.
         w_scale: float32 ``(out,)``.
         conv: the conv arguments, or None for a Linear layer.
     """
 
-    def __init__(self, codes: Tensor, w_scale: Tensor, conv: ConvArgs | None):
+    def __init__(
+        self, codes: Callable[[], Tensor], shape: tuple[int, ...], w_scale: Tensor, conv: ConvArgs | None
+    ):
         self.codes = codes
+        self.shape = tuple(shape)
         self.w_scale = w_scale
         self.conv = conv
-        self.pointwise = conv is not None and conv.is_pointwise and codes.shape[2:] == (1, 1)
+        self.pointwise = conv is not None and conv.is_pointwise and self.shape[2:] == (1, 1)
         self._packs: dict[str, object] = {}
         self.paths_used: dict[tuple, str] = {}  # (input shape, granularity) → path, for kernel_report
 
-    # --- prepacked weights (lazily) ---
+    # --- prepacked weights (lazily; those no chosen path uses are released after each choice) ---
 
     def _pack(self, name: str, build: Callable[[], object]) -> object:
         if name not in self._packs:
             self._packs[name] = build()
         return self._packs[name]
 
+    def _release_unused_packs(self) -> None:
+        needed = {_PACK_OF[path] for path in self.paths_used.values() if path in _PACK_OF} | {"int16-safe"}
+        for name in set(self._packs) - needed:
+            del self._packs[name]
+
+    def pack_bytes(self) -> int:
+        """Bytes held by prepacked weights (oneDNN's opaque packs counted as one byte per weight)."""
+        total = 0
+        for name, pack in self._packs.items():
+            if name == "int_mm":
+                total += sum(t.nbytes for t in pack)
+            elif name.startswith("onednn"):
+                total += math.prod(self.shape)
+        return total
+
     def _gemm_codes(self) -> Tensor:
-        return self.codes.reshape(self.codes.shape[0], -1)  # (out, in) for Linear and 1×1 convs
+        return self.codes().reshape(self.shape[0], -1)  # (out, in) for Linear and 1×1 convs
 
     def _onednn_linear(self, codes: Tensor, x_scale: Tensor, x_zero: Tensor, bias: Tensor | None) -> Tensor:
         packed = self._pack("onednn-linear", lambda: w8a8.onednn_pack_linear(self._gemm_codes()))
@@ -93,7 +114,7 @@ class W8A8Kernels:
         packed = self._pack(
             "onednn-conv",
             lambda: w8a8.onednn_pack_conv(
-                self.codes, self.w_scale, c.stride, c.padding, c.dilation, c.groups
+                self.codes(), self.w_scale, c.stride, c.padding, c.dilation, c.groups
             ),
         )
         return w8a8.onednn_conv2d(
@@ -114,7 +135,7 @@ class W8A8Kernels:
     def _exact_on_cpu(self) -> bool:
         """oneDNN's u8·s8 GEMMs (``_int_mm`` included) are exact here, or the user accepts saturation."""
         if "int16-safe" not in self._packs:
-            self._packs["int16-safe"] = w8a8.int16_pairs_safe(self.codes)
+            self._packs["int16-safe"] = w8a8.int16_pairs_safe(self.codes())
         return cpu_isa().exact_int8 or get_kernel_mode() == "saturating" or bool(self._packs["int16-safe"])
 
     def _candidates(
@@ -174,7 +195,7 @@ class W8A8Kernels:
         granularity, codes, x_scale, x_zero = self._quantize(x, scale, zero_point, qmin, qmax)
         problem = (
             "conv2d" if self.conv else "linear",
-            tuple(self.codes.shape),
+            self.shape,
             self.conv,
             tuple(x.shape),
             granularity,
@@ -188,6 +209,7 @@ class W8A8Kernels:
             bound = lambda: self._rounding_bound(codes, x_scale, x_zero, bias)  # noqa: E731
             chosen, out = choose(problem, candidates, reference, agrees_within_rounding(bound))
             self.paths_used[key] = chosen
+            self._release_unused_packs()
             return out
         self.paths_used[key] = chosen
         return reference() if chosen == REFERENCE else candidates[chosen]()
@@ -228,8 +250,9 @@ class W8A8Kernels:
     def _rounding_bound(self, codes: Tensor, x_scale: Tensor, x_zero: Tensor, bias: Tensor | None) -> Tensor:
         """Elementwise bound on |fast − reference|: both round a K-term float sum (≤ (K+2)·ε·Σ|terms|)."""
         x_abs = (codes.to(torch.int32) - x_zero).abs().float() * x_scale  # |x̂|
-        w_abs = self.codes.float().abs() * self.w_scale.reshape(-1, *([1] * (self.codes.ndim - 1)))  # |Ŵ|
-        inner = self.codes[0].numel()
+        w_codes = self.codes()
+        w_abs = w_codes.float().abs() * self.w_scale.reshape(-1, *([1] * (w_codes.ndim - 1)))  # |Ŵ|
+        inner = w_codes[0].numel()
         if self.conv is None:
             terms = F.linear(x_abs, w_abs)
         else:
@@ -239,6 +262,15 @@ class W8A8Kernels:
             0.0 if bias is None else bias.abs().reshape(-1, *([1] * (terms.ndim - 2 if self.conv else 0)))
         )
         return 2 * (inner + 2) * _EPS * (terms + bias_abs) + 1e-30
+
+
+_PACK_OF = {
+    "onednn-w8a8-linear": "onednn-linear",
+    "onednn-w8a8-conv1x1-gemm": "onednn-linear",
+    "onednn-w8a8-conv": "onednn-conv",
+    "int_mm-w8a8-linear": "int_mm",
+    "int_mm-w8a8-conv1x1-gemm": "int_mm",
+}
 
 
 def _per_row(values: Tensor, lead: tuple[int, ...]) -> Tensor:

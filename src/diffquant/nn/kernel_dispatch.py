@@ -73,12 +73,15 @@ def _kernels(layer: nn.Module) -> W8A8Kernels:
     cached = _KERNELS.get(layer)
     if cached is not None and cached[0] == key:
         return cached[1]
-    codes = qweight.int_codes().to(torch.int8).reshape(qweight.shape)  # (out, in) or (out, in, kh, kw)
+
+    def codes() -> Tensor:
+        return qweight.int_codes().to(torch.int8).reshape(qweight.shape)  # (out, in) or (out, in, kh, kw)
+
     w_scale = qweight.scale.reshape(-1).float().expand(qweight.shape[0]).contiguous()  # (out,)
     conv = None
     if layer.kind == "conv2d":
         conv = ConvArgs(tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation), layer.groups)
-    kernels = W8A8Kernels(codes, w_scale, conv)
+    kernels = W8A8Kernels(codes, qweight.shape, w_scale, conv)
     _KERNELS[layer] = (key, kernels)
     return kernels
 
@@ -122,6 +125,12 @@ def integer_path_outputs(layer: nn.Module, x: Tensor) -> tuple[dict[str, Tensor]
     kernels = _kernels(layer)
     args = (x, *qparams, quant.qmin, quant.qmax, bias)
     return kernels.outputs_by_path(*args), kernels.rounding_bound(*args)
+
+
+def kernel_cache_bytes(model: nn.Module) -> int:
+    """Bytes of the prepacked integer weights the kernels hold for ``model``'s layers (beside the
+    packed weights in its state dict)."""
+    return sum(_KERNELS[m][1].pack_bytes() for m in model.modules() if m in _KERNELS)
 
 
 @dataclass
