@@ -191,7 +191,7 @@ class StaticActivationQuantizer(ActivationQuantizer):
         if self._observing:
             self._observe(x)
             return x
-        if not bool(self.calibrated):
+        if not torch.compiler.is_compiling() and not bool(self.calibrated):  # no graph break when compiled
             raise RuntimeError(
                 f"{self.name} uses static activation ranges but was never calibrated; pass "
                 "calibrate=fn to diffquant.quantize_ (fn runs the model on representative inputs)."
