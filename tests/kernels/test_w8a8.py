@@ -34,7 +34,7 @@ def test_int_mm_accumulators_equal_exact_integer_sums(full_range):
     codes_x = torch.randint(0, 256, (33, 40), dtype=torch.int32).to(torch.uint8)
     zero = torch.randint(0, 256, (33, 1), dtype=torch.int32)  # one zero point per row
     weight_t, col_sums = w8a8.int_mm_pack(codes_w)
-    acc = w8a8.int_mm_accumulators(codes_x, zero, weight_t, col_sums)
+    acc = w8a8.int_mm_accumulators((codes_x.int() - 128).to(torch.int8), zero, weight_t, col_sums)
     exact = (codes_x.long() - zero.long()) @ codes_w.long().t()
     assert acc.dtype == torch.int32
     assert torch.equal(acc.long(), exact)
@@ -83,9 +83,12 @@ def test_activation_codes_are_the_reference_codes(symmetric):
     x = torch.randn(4, 33) * 3
     qmin, qmax = affine.int_range(8, symmetric)
     scale, zero = affine.qparams_from_range(x.min(), x.max(), 8, symmetric)
+    x[0, :3] = torch.tensor([1e9, -1e9, 0.0])  # far outside the range: clamped alike
+    expected = affine.fake_quantize(x, scale, zero.float(), qmin, qmax)
     codes = w8a8.activation_codes(x, scale, zero.float(), qmin, qmax)
-    dequantized = ((codes.int() + qmin) - zero) * scale
-    assert torch.equal(dequantized, affine.fake_quantize(x, scale, zero.float(), qmin, qmax))
+    assert torch.equal(((codes.int() + qmin) - zero) * scale, expected)
+    signed = w8a8.activation_codes(x, scale, zero.float(), qmin, qmax, signed=True)
+    assert torch.equal(((signed.int() + 128 + qmin) - zero) * scale, expected)
 
 
 def test_int16_pair_guard():

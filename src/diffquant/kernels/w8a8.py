@@ -19,14 +19,23 @@ import torch
 from torch import Tensor
 
 
-def activation_codes(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
-    """uint8 codes ``clamp(round(x / scale) + zero_point, qmin, qmax) - qmin`` (broadcasting).
+def activation_codes(
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, *, signed: bool = False
+) -> Tensor:
+    """Activation codes ``clamp(round(x / scale) + zero_point, qmin, qmax) - qmin`` as uint8 (broadcasting),
+    or, with ``signed``, those minus 128 as int8 (what ``_int_mm`` multiplies).
 
-    The float operations are those of :func:`diffquant.quant.affine.fake_quantize`, so the codes
-    equal the ones the reference path dequantizes.
+    The float operations are those of :func:`diffquant.quant.affine.fake_quantize` (the shift is
+    folded into the zero point and the bounds: integer-valued floats below 2**24 add exactly, and
+    larger values clamp alike), so the codes are the ones the reference path dequantizes. Computed
+    in place on one buffer: on CPU each pass over a large fresh tensor costs about as much as the pass.
     """
-    q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
-    return (q - qmin).to(torch.uint8)
+    shift = qmin + (128 if signed else 0)
+    q = torch.div(x, scale)
+    q.round_()
+    q.add_(zero_point - shift)
+    q.clamp_(qmin - shift, qmax - shift)
+    return q.to(torch.int8 if signed else torch.uint8)
 
 
 def channel_scales(scale: Tensor, out_features: int) -> Tensor:
@@ -110,15 +119,17 @@ def int_mm_pack(codes: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def int_mm_accumulators(codes: Tensor, x_zero: Tensor, weight_t: Tensor, col_sums: Tensor) -> Tensor:
-    """Exact int32 ``Σ_k (codes - x_zero) q_w``, ``(M, out)``, for uint8 ``codes (M, in)``.
+    """Exact int32 ``Σ_k (u - x_zero) q_w``, ``(M, out)``, from int8 ``codes = u - 128`` ``(M, in)``.
 
-    ``x_zero`` is int32, 0-d or ``(M, 1)``. ``_int_mm`` multiplies int8 by int8, so the codes are
-    centred at 128 and the shift is added back through the column sums:
+    ``x_zero`` (the zero point of the uint8 codes ``u``) is int32, 0-d or ``(M, 1)``. ``_int_mm``
+    multiplies int8 by int8, so the shift is added back through the column sums:
     ``Σ (u - z) w = Σ (u - 128) w + (128 - z) Σ w``.
     """
-    centred = (codes.to(torch.int16) - 128).to(torch.int8)  # (M, in)
-    acc = torch._int_mm(centred, weight_t)  # (M, out) int32
-    return acc + (128 - x_zero) * col_sums
+    acc = torch._int_mm(codes, weight_t)  # (M, out) int32
+    shift = 128 - x_zero
+    if shift.numel() == 1:
+        return acc.add_(shift * col_sums)
+    return acc.addr_(shift.reshape(-1), col_sums)  # (M, 1) zero points: an outer product
 
 
 def int_mm_linear(
@@ -130,10 +141,14 @@ def int_mm_linear(
     w_scale: Tensor,
     bias: Tensor | None,
 ) -> Tensor:
-    """``acc * x_scale * w_scale + bias``, float32 ``(M, out)``; ``x_scale``/``x_zero`` 0-d or per row ``(M, 1)``."""
-    acc = int_mm_accumulators(codes, x_zero, weight_t, col_sums)
-    out = acc.float() * (x_scale * w_scale)  # (M, out)
-    return out + bias if bias is not None else out
+    """``acc * x_scale * w_scale + bias``, float32 ``(M, out)``, for int8 ``codes = u - 128`` ``(M, in)``;
+    ``x_scale``/``x_zero`` 0-d or per row ``(M, 1)``."""
+    out = int_mm_accumulators(codes, x_zero, weight_t, col_sums).float()
+    if x_scale.numel() == 1:
+        out.mul_(x_scale * w_scale)
+    else:
+        out.mul_(x_scale).mul_(w_scale)
+    return out.add_(bias) if bias is not None else out
 
 
 # --- saturation guard for CPUs without VNNI -------------------------------------------------------

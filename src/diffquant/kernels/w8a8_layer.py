@@ -138,43 +138,49 @@ class W8A8Kernels:
             self._packs["int16-safe"] = w8a8.int16_pairs_safe(self.codes())
         return cpu_isa().exact_int8 or get_kernel_mode() == "saturating" or bool(self._packs["int16-safe"])
 
-    def _candidates(
-        self, x: Tensor, codes: Tensor, x_scale: Tensor, x_zero: Tensor, granularity: str, bias: Tensor | None
-    ) -> dict[str, Callable[[], Tensor]]:
-        """name → output function; ``codes``/``x_scale``/``x_zero`` are shaped like ``x``'s scales."""
+    def _candidates(self, x: Tensor, q: _Quantized, bias: Tensor | None) -> dict[str, Callable[[], Tensor]]:
+        """name → output function (each quantizes ``x`` in the code format its kernel takes)."""
         found: dict[str, Callable[[], Tensor]] = {}
         device = x.device
         if self.conv is None:
-            rows = codes.reshape(-1, codes.shape[-1])  # (M, in)
-            scale2d, zero2d = _per_row(x_scale, x.shape[:-1]), _per_row(x_zero, x.shape[:-1])
+            lead = x.shape[:-1]
+            scale2d, zero2d = _per_row(q.scale, lead), _per_row(q.zero, lead)
 
             def shaped(y: Tensor) -> Tensor:
-                return y.reshape(*x.shape[:-1], y.shape[-1])  # (..., out)
+                return y.reshape(*lead, y.shape[-1])  # (..., out)
 
-            if granularity == "tensor" and self._onednn_allowed(device):
-                s, z = x_scale.reshape(()), x_zero.reshape(())
-                found["onednn-w8a8-linear"] = lambda: shaped(self._onednn_linear(rows, s, z, bias))
-            if self._int_mm_allowed(device, rows.shape[0]):
-                found["int_mm-w8a8-linear"] = lambda: shaped(self._int_mm(rows, scale2d, zero2d, bias))
+            def rows(signed: bool) -> Tensor:
+                return q.codes(x, signed).reshape(-1, x.shape[-1])  # (M, in)
+
+            if q.granularity == "tensor" and self._onednn_allowed(device):
+                found["onednn-w8a8-linear"] = lambda: shaped(
+                    self._onednn_linear(rows(False), q.scale, q.zero, bias)
+                )
+            if self._int_mm_allowed(device, math.prod(lead)):
+                found["int_mm-w8a8-linear"] = lambda: shaped(self._int_mm(rows(True), scale2d, zero2d, bias))
             return found
         n, _, h, w = x.shape
-        if granularity in ("tensor", "sample") and self._onednn_allowed(device):
-            found["onednn-w8a8-conv"] = lambda: _by_sample(self._onednn_conv, codes, x_scale, x_zero, bias)
+        if q.granularity in ("tensor", "sample") and self._onednn_allowed(device):
+            found["onednn-w8a8-conv"] = lambda: _by_sample(
+                self._onednn_conv, q.codes(x, False), q.scale, q.zero, bias
+            )
         if self.pointwise:
-            pixels = codes.permute(0, 2, 3, 1).reshape(n * h * w, -1)  # (N*H*W, C)
-            pix_scale = _pixel_rows(x_scale, n, h, w)
-            pix_zero = _pixel_rows(x_zero, n, h, w)
+            pix_scale, pix_zero = _pixel_rows(q.scale, n, h, w), _pixel_rows(q.zero, n, h, w)
+
+            def pixels(signed: bool) -> Tensor:  # (N*H*W, C), channels-last order
+                return q.codes(x, signed).permute(0, 2, 3, 1).reshape(n * h * w, -1)
 
             def as_image(y: Tensor) -> Tensor:  # (N*H*W, out) -> (N, out, H, W), x's memory format
                 y = y.reshape(n, h, w, -1).permute(0, 3, 1, 2)
                 return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
 
-            if granularity == "tensor" and self._onednn_allowed(device):
-                s, z = x_scale.reshape(()), x_zero.reshape(())
-                found["onednn-w8a8-conv1x1-gemm"] = lambda: as_image(self._onednn_linear(pixels, s, z, bias))
-            if self._int_mm_allowed(device, pixels.shape[0]):
+            if q.granularity == "tensor" and self._onednn_allowed(device):
+                found["onednn-w8a8-conv1x1-gemm"] = lambda: as_image(
+                    self._onednn_linear(pixels(False), q.scale, q.zero, bias)
+                )
+            if self._int_mm_allowed(device, n * h * w):
                 found["int_mm-w8a8-conv1x1-gemm"] = lambda: as_image(
-                    self._int_mm(pixels, pix_scale, pix_zero, bias)
+                    self._int_mm(pixels(True), pix_scale, pix_zero, bias)
                 )
         return found
 
@@ -192,21 +198,21 @@ class W8A8Kernels:
     ) -> Tensor:
         """The layer's output for float32 input ``x`` quantized with ``scale``/``zero_point`` (broadcast
         against ``x``, as the activation quantizer uses them), by the path chosen for this problem."""
-        granularity, codes, x_scale, x_zero = self._quantize(x, scale, zero_point, qmin, qmax)
+        q = self._quantize(x, scale, zero_point, qmin, qmax)
         problem = (
             "conv2d" if self.conv else "linear",
             self.shape,
             self.conv,
             tuple(x.shape),
-            granularity,
+            q.granularity,
             x.device.type,
             mode_generation(),
         )
-        candidates = self._candidates(x, codes, x_scale, x_zero, granularity, bias)
-        key = (tuple(x.shape), granularity)
+        candidates = self._candidates(x, q, bias)
+        key = (tuple(x.shape), q.granularity)
         chosen = cached_choice(problem)
         if chosen is None or (chosen != REFERENCE and chosen not in candidates):
-            bound = lambda: self._rounding_bound(codes, x_scale, x_zero, bias)  # noqa: E731
+            bound = lambda: self._rounding_bound(q.codes(x, False), q.scale, q.zero, bias)  # noqa: E731
             chosen, out = choose(problem, candidates, reference, agrees_within_rounding(bound))
             self.paths_used[key] = chosen
             self._release_unused_packs()
@@ -218,26 +224,21 @@ class W8A8Kernels:
         self, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, bias: Tensor | None
     ) -> dict[str, Tensor]:
         """Every integer path's output for this input (for tests and diagnostics; nothing is chosen)."""
-        granularity, codes, x_scale, x_zero = self._quantize(x, scale, zero_point, qmin, qmax)
-        candidates = self._candidates(x, codes, x_scale, x_zero, granularity, bias)
+        candidates = self._candidates(x, self._quantize(x, scale, zero_point, qmin, qmax), bias)
         return {name: fn() for name, fn in candidates.items()}
 
     def rounding_bound(
         self, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, bias: Tensor | None
     ) -> Tensor:
         """The elementwise tolerance between an integer path and the reference path (see the README)."""
-        _, codes, x_scale, x_zero = self._quantize(x, scale, zero_point, qmin, qmax)
-        return self._rounding_bound(codes, x_scale, x_zero, bias)
+        q = self._quantize(x, scale, zero_point, qmin, qmax)
+        return self._rounding_bound(q.codes(x, False), q.scale, q.zero, bias)
 
-    def _quantize(
-        self, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int
-    ) -> tuple[str, Tensor, Tensor, Tensor]:
-        """(granularity, uint8 codes, float32 scale, int32 zero point shifted by ``-qmin``)."""
+    def _quantize(self, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> _Quantized:
         granularity = self._granularity(x, scale, zero_point)
         if granularity == "tensor":
             scale, zero_point = scale.reshape(-1)[0], zero_point.reshape(-1)[0]
-        codes = w8a8.activation_codes(x, scale, zero_point, qmin, qmax)
-        return granularity, codes, scale.float(), (zero_point - qmin).to(torch.int32)
+        return _Quantized(granularity, scale, zero_point, qmin, qmax)
 
     def _granularity(self, x: Tensor, scale: Tensor, zero_point: Tensor) -> str:
         first_scale, first_zero = scale.reshape(-1)[0], zero_point.reshape(-1)[0]
@@ -262,6 +263,34 @@ class W8A8Kernels:
             0.0 if bias is None else bias.abs().reshape(-1, *([1] * (terms.ndim - 2 if self.conv else 0)))
         )
         return 2 * (inner + 2) * _EPS * (terms + bias_abs) + 1e-30
+
+
+@dataclass(frozen=True)
+class _Quantized:
+    """How this call quantizes its input: granularity, the quantizer's scale and zero point (float,
+    broadcastable to the input; 0-d per tensor) and code range."""
+
+    granularity: str
+    float_scale: Tensor
+    float_zero: Tensor
+    qmin: int
+    qmax: int
+
+    @property
+    def scale(self) -> Tensor:
+        """float32 scale."""
+        return self.float_scale.float()
+
+    @property
+    def zero(self) -> Tensor:
+        """int32 zero point of the uint8 codes (``zero_point - qmin``)."""
+        return (self.float_zero - self.qmin).to(torch.int32)
+
+    def codes(self, x: Tensor, signed: bool) -> Tensor:
+        """uint8 codes (int8 minus 128 with ``signed``) of ``x``, as the reference quantizes it."""
+        return w8a8.activation_codes(
+            x, self.float_scale, self.float_zero, self.qmin, self.qmax, signed=signed
+        )
 
 
 _PACK_OF = {
