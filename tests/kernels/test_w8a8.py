@@ -136,6 +136,8 @@ def test_linear_paths_match_reference(mode):
         _calibrated(layer, x)
     outputs = _check_paths(layer, x)
     assert any(name.startswith("int_mm") for name in outputs)
+    if cpu_isa().onednn:
+        assert ("onednn-w8a8-linear" if mode == "static" else "onednn-w8a8-linear-rows") in outputs
 
 
 @pytest.mark.parametrize("mode", ["step_table", "logsnr"])

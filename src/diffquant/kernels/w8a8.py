@@ -64,6 +64,25 @@ def onednn_linear(
     )
 
 
+def onednn_linear_rows(
+    codes: Tensor, x_scale: Tensor, x_zero: Tensor, packed: Tensor, w_scale: Tensor, col_sums: Tensor, bias
+) -> Tensor:
+    """:func:`onednn_linear` with one scale and zero point per row (``(M, 1)`` each).
+
+    oneDNN takes one activation zero point, so the kernel computes ``Σ (u - 128) w`` with unit
+    scales (an exact int32 sum, rounded once to float32) and the rows' own zero points come back
+    through the column sums: ``Σ (u - z) w = Σ (u - 128) w + (128 - z) Σ w``.
+    """
+    ones = torch.ones(w_scale.shape)
+    w_zero = torch.zeros(w_scale.shape, dtype=torch.int32)
+    out = torch.ops.onednn.qlinear_pointwise(
+        codes, 1.0, 128, packed, ones, w_zero, None, 1.0, 0, torch.float32, "none", [], ""
+    )  # (M, out)
+    out.addr_((128 - x_zero).reshape(-1).float(), col_sums.float())
+    out.mul_(x_scale).mul_(w_scale)
+    return out.add_(bias) if bias is not None else out
+
+
 def onednn_pack_conv(codes: Tensor, w_scale: Tensor, stride, padding, dilation, groups: int) -> Tensor:
     """Prepack int8 conv codes ``(out, in/groups, kh, kw)`` for :func:`onednn_conv2d`.
 

@@ -11,9 +11,10 @@ Activation scale granularities:
 granularity   scale / zero point shape                    integer paths
 ============  ==========================================  ==================================
 ``tensor``    one value (or all values equal)             oneDNN linear/conv, ``_int_mm``
-``row``       Linear: one per row ``(..., 1)``            ``_int_mm``
+``row``       Linear: one per row ``(..., 1)``            ``_int_mm``, oneDNN (row zero points
+                                                          added back via column sums)
 ``sample``    Conv2d: one per sample ``(N, 1, 1, 1)``     oneDNN conv per sample group
-``pixel``     Conv2d: one per pixel ``(N, 1, H, W)``      1×1 convs only, as a GEMM (``_int_mm``)
+``pixel``     Conv2d: one per pixel ``(N, 1, H, W)``      1×1 convs only, as a row-wise GEMM
 ============  ==========================================  ==================================
 
 A 3×3 conv with per-pixel scales has no integer form (the scale varies inside the window sum):
@@ -85,6 +86,8 @@ class W8A8Kernels:
 
     def _release_unused_packs(self) -> None:
         needed = {_PACK_OF[path] for path in self.paths_used.values() if path in _PACK_OF} | {"int16-safe"}
+        if any(path.endswith("-rows") for path in self.paths_used.values()):
+            needed.add("col-sums")
         for name in set(self._packs) - needed:
             del self._packs[name]
 
@@ -94,6 +97,8 @@ class W8A8Kernels:
         for name, pack in self._packs.items():
             if name == "int_mm":
                 total += sum(t.nbytes for t in pack)
+            elif name == "col-sums":
+                total += pack.nbytes
             elif name.startswith("onednn"):
                 total += math.prod(self.shape)
         return total
@@ -104,6 +109,15 @@ class W8A8Kernels:
     def _onednn_linear(self, codes: Tensor, x_scale: Tensor, x_zero: Tensor, bias: Tensor | None) -> Tensor:
         packed = self._pack("onednn-linear", lambda: w8a8.onednn_pack_linear(self._gemm_codes()))
         return w8a8.onednn_linear(codes, x_scale, x_zero, packed, self.w_scale, bias)
+
+    def _onednn_linear_rows(
+        self, codes: Tensor, x_scale: Tensor, x_zero: Tensor, bias: Tensor | None
+    ) -> Tensor:
+        packed = self._pack("onednn-linear", lambda: w8a8.onednn_pack_linear(self._gemm_codes()))
+        col_sums = self._pack(
+            "col-sums", lambda: self._gemm_codes().to(torch.int32).sum(dim=1, dtype=torch.int32)
+        )
+        return w8a8.onednn_linear_rows(codes, x_scale, x_zero, packed, self.w_scale, col_sums, bias)
 
     def _int_mm(self, codes: Tensor, x_scale: Tensor, x_zero: Tensor, bias: Tensor | None) -> Tensor:
         weight_t, col_sums = self._pack("int_mm", lambda: w8a8.int_mm_pack(self._gemm_codes()))
@@ -156,6 +170,10 @@ class W8A8Kernels:
                 found["onednn-w8a8-linear"] = lambda: shaped(
                     self._onednn_linear(rows(False), q.scale, q.zero, bias)
                 )
+            if q.granularity == "row" and self._onednn_allowed(device):
+                found["onednn-w8a8-linear-rows"] = lambda: shaped(
+                    self._onednn_linear_rows(rows(False), scale2d, zero2d, bias)
+                )
             if self._int_mm_allowed(device, math.prod(lead)):
                 found["int_mm-w8a8-linear"] = lambda: shaped(self._int_mm(rows(True), scale2d, zero2d, bias))
             return found
@@ -177,6 +195,10 @@ class W8A8Kernels:
             if q.granularity == "tensor" and self._onednn_allowed(device):
                 found["onednn-w8a8-conv1x1-gemm"] = lambda: as_image(
                     self._onednn_linear(pixels(False), q.scale, q.zero, bias)
+                )
+            if q.granularity != "tensor" and self._onednn_allowed(device):
+                found["onednn-w8a8-conv1x1-gemm-rows"] = lambda: as_image(
+                    self._onednn_linear_rows(pixels(False), pix_scale, pix_zero, bias)
                 )
             if self._int_mm_allowed(device, n * h * w):
                 found["int_mm-w8a8-conv1x1-gemm"] = lambda: as_image(
@@ -297,6 +319,8 @@ _PACK_OF = {
     "onednn-w8a8-linear": "onednn-linear",
     "onednn-w8a8-conv1x1-gemm": "onednn-linear",
     "onednn-w8a8-conv": "onednn-conv",
+    "onednn-w8a8-linear-rows": "onednn-linear",
+    "onednn-w8a8-conv1x1-gemm-rows": "onednn-linear",
     "int_mm-w8a8-linear": "int_mm",
     "int_mm-w8a8-conv1x1-gemm": "int_mm",
 }
