@@ -16,17 +16,11 @@ from collections.abc import Iterator
 
 KERNEL_MODES = ("auto", "reference", "saturating")
 _mode = ["auto"]
-_generation = [0]  # bumped on every mode change: cached per-layer choices are then stale
 
 
 def get_kernel_mode() -> str:
     """The current kernel mode (one of :data:`KERNEL_MODES`)."""
     return _mode[0]
-
-
-def mode_generation() -> int:
-    """A counter that changes whenever the mode changes (keys the cached choices)."""
-    return _generation[0]
 
 
 def set_kernel_mode(mode: str) -> None:
@@ -40,9 +34,7 @@ def set_kernel_mode(mode: str) -> None:
     """
     if mode not in KERNEL_MODES:
         raise ValueError(f"unknown kernel mode {mode!r}; choose one of {', '.join(KERNEL_MODES)}.")
-    if mode != _mode[0]:
-        _mode[0] = mode
-        _generation[0] += 1
+    _mode[0] = mode
 
 
 @contextlib.contextmanager

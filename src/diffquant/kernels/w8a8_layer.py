@@ -34,7 +34,7 @@ from torch import Tensor
 
 from diffquant.kernels import w8a8
 from diffquant.kernels.isa import cpu_isa
-from diffquant.kernels.mode import get_kernel_mode, mode_generation
+from diffquant.kernels.mode import get_kernel_mode
 from diffquant.kernels.select import REFERENCE, agrees_within_rounding, cached_choice, choose
 
 _EPS = torch.finfo(torch.float32).eps
@@ -228,7 +228,7 @@ class W8A8Kernels:
             tuple(x.shape),
             q.granularity,
             x.device.type,
-            mode_generation(),
+            get_kernel_mode(),  # "saturating" admits more candidates than "auto"
         )
         candidates = self._candidates(x, q, bias)
         key = (tuple(x.shape), q.granularity)

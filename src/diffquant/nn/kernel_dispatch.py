@@ -44,8 +44,11 @@ def ineligible_reason(layer: nn.Module) -> str | None:
         return "weight-only (no faster CPU kernel than dequantize + float op)"
     if type(layer.input_quant).integer_qparams is _base_integer_qparams():
         return f"activation mode {layer.input_quant.mode!r} has no integer form"
-    if getattr(layer, "kind", None) == "conv2d" and (isinstance(layer.padding, str) or layer.groups != 1):
-        return "conv with string padding or groups > 1"
+    if getattr(layer, "kind", None) == "conv2d":
+        if isinstance(layer.padding, str) or layer.groups != 1:
+            return "conv with string padding or groups > 1"
+        if layer.input_quant.mode == "dynamic" and layer.kernel_size != (1, 1):
+            return "per-pixel dynamic scales vary inside a k×k window (no integer form)"
     return None
 
 
