@@ -230,17 +230,20 @@ class W8A8Kernels:
             x.device.type,
             get_kernel_mode(),  # "saturating" admits more candidates than "auto"
         )
-        candidates = self._candidates(x, q, bias)
         key = (tuple(x.shape), q.granularity)
         chosen = cached_choice(problem)
-        if chosen is None or (chosen != REFERENCE and chosen not in candidates):
+        if chosen == REFERENCE:
+            self.paths_used[key] = chosen
+            return reference()
+        candidates = self._candidates(x, q, bias)
+        if chosen is None or chosen not in candidates:
             bound = lambda: self._rounding_bound(q.codes(x, False), q.scale, q.zero, bias)  # noqa: E731
             chosen, out = choose(problem, candidates, reference, agrees_within_rounding(bound))
             self.paths_used[key] = chosen
             self._release_unused_packs()
             return out
         self.paths_used[key] = chosen
-        return reference() if chosen == REFERENCE else candidates[chosen]()
+        return candidates[chosen]()
 
     def outputs_by_path(
         self, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, bias: Tensor | None
