@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from diffquant.kernels import REFERENCE, cpu_isa, get_kernel_mode
 from diffquant.kernels.w8a8_layer import ConvArgs, W8A8Kernels
+from diffquant.nn.act_quant import ActivationQuantizer
 from diffquant.nn.packed import IntPackedWeight
 
 # layer → (weight identity key, kernels); weak, so nothing is copied, pickled or saved with the layer
@@ -42,7 +43,7 @@ def ineligible_reason(layer: nn.Module) -> str | None:
         return "group-wise weight scales (kernels take one scale per output channel)"
     if layer.input_quant is None:
         return "weight-only (no faster CPU kernel than dequantize + float op)"
-    if type(layer.input_quant).integer_qparams is _base_integer_qparams():
+    if type(layer.input_quant).integer_qparams is ActivationQuantizer.integer_qparams:
         return f"activation mode {layer.input_quant.mode!r} has no integer form"
     if getattr(layer, "kind", None) == "conv2d":
         if isinstance(layer.padding, str) or layer.groups != 1:
@@ -50,12 +51,6 @@ def ineligible_reason(layer: nn.Module) -> str | None:
         if layer.input_quant.mode == "dynamic" and layer.kernel_size != (1, 1):
             return "per-pixel dynamic scales vary inside a k×k window (no integer form)"
     return None
-
-
-def _base_integer_qparams() -> Callable:
-    from diffquant.nn.act_quant import ActivationQuantizer
-
-    return ActivationQuantizer.integer_qparams
 
 
 def _calibrating(layer: nn.Module) -> bool:
