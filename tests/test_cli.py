@@ -21,7 +21,10 @@ def test_quantize_a_diffusers_folder_then_info_and_load(tmp_path, capsys):
     assert main([*args, "--activations", "int8-dynamic"]) == 0
     assert "W4A8" in capsys.readouterr().out
     assert main(["info", str(out)]) == 0
-    assert "UNet2DModel quantized as W4A8" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "UNet2DModel quantized as W4A8" in printed
+    assert "quantized layers" in printed and "ISA" in printed  # the kernel report
+    assert "dequant-reference" in printed  # group-wise INT4 weights have no integer kernel
     loaded = load_quantized(out)
     inputs = example_inputs(loaded, batch_size=2)
     with torch.no_grad():

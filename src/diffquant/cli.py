@@ -155,11 +155,30 @@ def cmd_info(args: argparse.Namespace) -> int:
     config = QuantConfig.from_dict(description["quant_config"])
     print(f"{description['architecture']} quantized as {config.label} ({len(description['layers'])} layers)")
     print(config.to_json())
+    print(_kernel_summary(args.checkpoint))
     return 0
 
 
 def _activation_modes() -> list[str]:
     return sorted(ActivationQuantizer.registry)
+
+
+def _kernel_summary(checkpoint: str) -> str:
+    """Which execution path the checkpoint's layers take on this machine, after one example call."""
+    import torch
+
+    from diffquant.io import load_quantized
+    from diffquant.models.tiny import example_inputs, scheduler_for_tests
+    from diffquant.nn.kernel_dispatch import kernel_report
+
+    model = load_quantized(checkpoint, schedule=scheduler_for_tests())
+    note = ""
+    try:
+        with torch.no_grad():
+            model(**example_inputs(model, batch_size=2))
+    except (TypeError, RuntimeError) as err:  # no example inputs for this architecture
+        note = f"\n  (paths are chosen at the first forward; could not run one here: {err})"
+    return kernel_report(model).summary() + note
 
 
 def build_parser() -> argparse.ArgumentParser:

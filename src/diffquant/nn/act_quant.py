@@ -46,6 +46,13 @@ class ActivationQuantizer(nn.Module):
         """Leave observation mode without fixing any range (used when calibration fails)."""
         self._observing = False
 
+    def integer_qparams(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The ``(scale, zero_point)`` this call's forward would fake-quantize ``x`` with, broadcastable
+        against ``x`` and in ``x``'s dtype — what an integer kernel needs to quantize ``x`` itself —
+        or None when the quantizer cannot serve one now (observing, uncalibrated, no such form).
+        """
+        return None
+
     def meta(self) -> dict[str, Any]:
         """JSON description used to rebuild the quantizer before loading a checkpoint."""
         return {"config": self.config.to_dict(), "channel_dim": self.channel_dim}
@@ -175,11 +182,16 @@ class StaticActivationQuantizer(ActivationQuantizer):
         self.calibrated.fill_(True)
         self._observing, self._lo, self._hi, self._samples = False, None, None, []
 
+    def integer_qparams(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        if self._observing or not bool(self.calibrated):
+            return None
+        return self.scale.to(x.dtype), self.zero_point.to(x.dtype)
+
     def forward(self, x: Tensor) -> Tensor:
         if self._observing:
             self._observe(x)
             return x
-        if not bool(self.calibrated):
+        if not torch.compiler.is_compiling() and not bool(self.calibrated):  # no graph break when compiled
             raise RuntimeError(
                 f"{self.name} uses static activation ranges but was never calibrated; pass "
                 "calibrate=fn to diffquant.quantize_ (fn runs the model on representative inputs)."
@@ -194,9 +206,13 @@ class DynamicActivationQuantizer(ActivationQuantizer):
 
     mode = "dynamic"
 
-    def forward(self, x: Tensor) -> Tensor:
+    def integer_qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
         dim = self.channel_dim % x.ndim
         lo = x.detach().amin(dim=dim, keepdim=True)  # one range per token
         hi = x.detach().amax(dim=dim, keepdim=True)
         scale, zero_point = affine.qparams_from_range(lo, hi, self.config.bits, self.config.symmetric)
-        return affine.fake_quantize(x, scale.to(x.dtype), zero_point.to(x.dtype), self.qmin, self.qmax)
+        return scale.to(x.dtype), zero_point.to(x.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale, zero_point = self.integer_qparams(x)
+        return affine.fake_quantize(x, scale, zero_point, self.qmin, self.qmax)

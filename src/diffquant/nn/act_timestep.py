@@ -272,6 +272,20 @@ class TimestepActivationQuantizer(ActivationQuantizer):
         self._cache = None  # .to() / .half() replace the tensors the cached values came from
         return super()._apply(fn, recurse)
 
+    def _row_qparams(self, x: Tensor, level: NoiseLevel) -> tuple[Tensor, Tensor]:
+        """Each row's ``(scale, zero_point)``, ``(N, 1, ..., 1)`` in ``x``'s dtype."""
+        rows = x.shape[0]
+        scale, zero_point = self._cached_qparams(level)  # (B,) each
+        shape = (rows,) + (1,) * (x.ndim - 1)
+        scale = per_row(scale, rows, self.name).reshape(shape).to(x.dtype)  # (N, 1, ..., 1)
+        zero_point = per_row(zero_point, rows, self.name).reshape(shape).to(x.dtype)
+        return scale, zero_point
+
+    def integer_qparams(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        if self._observing or x.ndim < 2:
+            return None
+        return self._row_qparams(x, require_noise_level(need_log_snr=self.uses_log_snr))
+
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim < 2:
             raise RuntimeError(
@@ -283,10 +297,7 @@ class TimestepActivationQuantizer(ActivationQuantizer):
         if self._observing:
             self._collector.observe(x, per_row(self.condition(level), rows, self.name))
             return x
-        scale, zero_point = self._cached_qparams(level)  # (B,) each
-        shape = (rows,) + (1,) * (x.ndim - 1)
-        scale = per_row(scale, rows, self.name).reshape(shape).to(x.dtype)  # (N, 1, ..., 1)
-        zero_point = per_row(zero_point, rows, self.name).reshape(shape).to(x.dtype)
+        scale, zero_point = self._row_qparams(x, level)
         if scale.requires_grad or zero_point.requires_grad:
             return ste.lsq_fake_quantize(x, scale, zero_point, self.qmin, self.qmax)
         return affine.fake_quantize(x, scale, zero_point, self.qmin, self.qmax)

@@ -1,7 +1,9 @@
 """Quantized ``Linear`` and ``Conv2d``: a packed weight, the float bias, an optional input quantizer.
 
-The forward pass is the readable reference path: fake-quantize the input, dequantize the packed
-weight to the input's dtype, call the float op. Integer kernels (planned) must agree with this path.
+The reference forward is the readable path: fake-quantize the input, dequantize the packed weight
+to the input's dtype, call the float op. At inference, :func:`diffquant.nn.kernel_dispatch.fast_forward`
+runs an integer kernel instead where one is exact and measured faster (it agrees with this path up
+to float rounding).
 A deployed layer holds no calibration state: while quantizing, :mod:`diffquant.ptq.paths` keeps the
 float weights and calibration switches in a side table.
 """
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffquant.config import ActivationQuantConfig, WeightQuantConfig
+from diffquant.nn import kernel_dispatch
 from diffquant.nn.act_quant import ActivationQuantizer, build_activation_quantizer, quantizer_from_meta
 from diffquant.nn.packed import PackedWeight
 
@@ -109,6 +112,9 @@ class QuantLinear(_QuantLayer):
         return {"in_features": self.in_features, "out_features": self.out_features}
 
     def forward(self, x: Tensor) -> Tensor:
+        return kernel_dispatch.fast_forward(self, x, self._reference_forward)
+
+    def _reference_forward(self, x: Tensor) -> Tensor:
         x = self._quantize_input(x)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, self._weight_for(x), bias)
@@ -176,6 +182,9 @@ class QuantConv2d(_QuantLayer):
         }
 
     def forward(self, x: Tensor) -> Tensor:
+        return kernel_dispatch.fast_forward(self, x, self._reference_forward)
+
+    def _reference_forward(self, x: Tensor) -> Tensor:
         x = self._quantize_input(x)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.conv2d(x, self._weight_for(x), bias, self.stride, self.padding, self.dilation, self.groups)
