@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
+from typing import Any
 
 from diffquant.config import _JsonConfig
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
+_RENAMED_IN_V2 = {"n_bits": "bits"}
 SUPPORTED_BITS = (2, 4, 8)
 
 
@@ -21,7 +23,8 @@ class TuneQDMConfig(_JsonConfig):
     timestep ``t`` uses copy ``floor(t · num_experts / total_denoising_steps)``.
 
     Args:
-        n_bits: Weight bit-width: 2, 4 or 8 (stored packed 4, 2 and 1 per byte).
+        bits: Weight bit-width: 2, 4 or 8 (stored packed 4, 2 and 1 per byte). ``n_bits`` (the seed's
+            name, also read from version-1 JSON) is accepted as an alias; ``config.n_bits`` reads it.
         num_experts: TAS expert copies of every scale; 1 disables TAS (no timestep needed).
         train_delta_in: Train a per-input-channel scale ``delta_in`` (initialised to 1).
         train_delta_out: Train the per-output-channel scale ``delta_out`` (initialised to the min-max
@@ -33,20 +36,21 @@ class TuneQDMConfig(_JsonConfig):
             quantized. Empty means all of them.
         exclude: Regexes of Linear/Conv2d layers left in float (and frozen). To keep the architecture's
             usual float layers, pass ``exclude=diffquant.models.get_arch_spec(model).keep_fp``.
-        version: Config schema version (checked on load).
+        version: Config schema version (checked on load; version 1, which spelled ``bits`` ``n_bits``, is upgraded).
 
     Raises:
-        ValueError: ``n_bits`` not in {2, 4, 8}; ``num_experts`` outside ``[1, total_denoising_steps]``;
+        ValueError: ``bits`` and a different ``n_bits`` both given; ``bits`` not in {2, 4, 8};
+            ``num_experts`` outside ``[1, total_denoising_steps]``;
             ``total_denoising_steps < 1``; nothing to train; an invalid regex; another version.
         TypeError: a non-integer count, a non-bool flag, or a single string for ``include``/``exclude``.
 
     Example:
         >>> cfg = TuneQDMConfig(n_bits=8, num_experts=4, train_delta_in=True)
-        >>> TuneQDMConfig.from_dict(cfg.to_dict()) == cfg
-        True
+        >>> TuneQDMConfig.from_dict(cfg.to_dict()) == cfg, cfg.bits
+        (True, 8)
     """
 
-    n_bits: int = 8
+    bits: int = 8
     num_experts: int = 1
     train_delta_in: bool = False
     train_delta_out: bool = True
@@ -55,24 +59,34 @@ class TuneQDMConfig(_JsonConfig):
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     version: int = CONFIG_VERSION
+    n_bits: InitVar[int | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, n_bits: int | None) -> None:
+        if n_bits is not None:
+            if self.bits not in (8, n_bits):
+                raise ValueError(
+                    f"TuneQDMConfig got bits={self.bits} and n_bits={n_bits}; n_bits is the seed's name for "
+                    "bits, pass only one."
+                )
+            object.__setattr__(self, "bits", n_bits)
+        if self.version == 1:  # e.g. the seed's TuneQDMConfig(**{"n_bits": 8, ..., "version": 1})
+            object.__setattr__(self, "version", CONFIG_VERSION)
         if self.version != CONFIG_VERSION:
             raise ValueError(
                 f"TuneQDMConfig version {self.version!r} is not supported (this diffquant reads version "
                 f"{CONFIG_VERSION}); re-create the config or upgrade diffquant."
             )
-        for name in ("n_bits", "num_experts", "total_denoising_steps"):
+        for name in ("bits", "num_experts", "total_denoising_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"TuneQDMConfig.{name} must be an int, got {value!r}.")
         for name in ("train_delta_in", "train_delta_out", "symmetric"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"TuneQDMConfig.{name} must be True or False, got {getattr(self, name)!r}.")
-        if self.n_bits not in SUPPORTED_BITS:
+        if self.bits not in SUPPORTED_BITS:
             raise ValueError(
-                f"TuneQDM supports n_bits in {SUPPORTED_BITS} (packed 1, 2 or 4 codes per byte), got "
-                f"{self.n_bits}; use 8 (the paper's setting), 4 or 2."
+                f"TuneQDM supports bits in {SUPPORTED_BITS} (packed 1, 2 or 4 codes per byte), got "
+                f"{self.bits}; use 8 (the paper's setting), 4 or 2."
             )
         if self.total_denoising_steps < 1:
             raise ValueError(
@@ -99,3 +113,14 @@ class TuneQDMConfig(_JsonConfig):
                     re.compile(pattern)
                 except re.error as err:
                     raise ValueError(f"{name} pattern {pattern!r} is not a valid regex: {err}") from err
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TuneQDMConfig:
+        """Build (and validate) a config from :meth:`to_dict` output; version-1 dicts (``n_bits``) are
+        upgraded. Unknown keys are rejected."""
+        if isinstance(data, dict) and data.get("version") == 1:
+            data = {_RENAMED_IN_V2.get(k, k): v for k, v in data.items()} | {"version": CONFIG_VERSION}
+        return super().from_dict(data)
+
+
+TuneQDMConfig.n_bits = property(lambda self: self.bits, doc="Alias of ``bits`` (the seed's name).")
