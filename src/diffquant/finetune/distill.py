@@ -135,7 +135,9 @@ def distill(
     while len(losses) < iterations:
         sampler = _sampler(scheduler, kind)
         sampler.set_timesteps(num_sampling_steps, device=device)
-        x = torch.randn((batch_size, *shape), generator=gen).to(device) * sampler.init_noise_sigma
+        x = torch.randn((batch_size, *shape), generator=gen).to(device) * getattr(
+            sampler, "init_noise_sigma", 1.0
+        )
         cond = conditioning
         if pool is not None:
             cond = index_conditioning(conditioning, torch.randint(0, pool, (batch_size,), generator=gen))

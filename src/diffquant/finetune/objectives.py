@@ -5,9 +5,13 @@ The scheduler says what the model predicts:
 | scheduler | model input ``x_t`` | model timestep | target |
 |---|---|---|---|
 | ``prediction_type="epsilon"`` (DDPM, SD 1.x) | ``√ᾱ_t x₀ + √(1−ᾱ_t) ε`` | ``t`` | ``ε`` |
-| ``prediction_type="v_prediction"`` (SD 2.x) | same | ``t`` | ``v = √ᾱ_t ε − √(1−ᾱ_t) x₀`` (``get_velocity``) |
+| ``prediction_type="v_prediction"`` (SD 2.x) | same | ``t`` | ``v = √ᾱ_t ε − √(1−ᾱ_t) x₀`` (as ``get_velocity``) |
 | ``prediction_type="sample"`` | same | ``t`` | ``x₀`` |
 | ``FlowMatch*Scheduler`` (SD3, Flux) | ``(1−σ) x₀ + σ ε`` | ``σ · T`` | ``ε − x₀`` (rectified flow) |
+
+``x_t`` and ``v`` are computed from the scheduler's ``alphas_cumprod`` with diffusers' ``DDPMScheduler``
+arithmetic (identical results), so any scheduler of the family trains the same: an
+``EulerDiscreteScheduler``'s own ``add_noise`` would give the unscaled ``x₀ + σ ε`` instead.
 
 Training timesteps are integers ``t ∈ [0, T)`` for every kind. A flow-matching timestep ``t`` has
 ``σ = shift(( t + 1) / T)`` with ``shift(s) = k·s / (1 + (k−1)·s)``, ``k = scheduler.config.shift``: the
@@ -118,14 +122,28 @@ def noisy_batch(
         sigma = flow_sigmas(scheduler, timesteps).to(x0.device)  # (B,)
         s = sigma.reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)  # (B, 1, 1, 1)
         return NoisyBatch((1 - s) * x0 + s * noise, sigma * total, noise - x0)
-    x_t = scheduler.add_noise(x0, noise, t)
+    sqrt_alpha, sqrt_one_minus_alpha = _noise_coefficients(scheduler, x0, t)
+    x_t = sqrt_alpha * x0 + sqrt_one_minus_alpha * noise
     if kind == "epsilon":
         target = noise
     elif kind == "v_prediction":
-        target = scheduler.get_velocity(x0, noise, t)
+        target = sqrt_alpha * noise - sqrt_one_minus_alpha * x0
     else:
         target = x0
     return NoisyBatch(x_t, t, target)
+
+
+def _noise_coefficients(scheduler, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """``√ᾱ_t`` and ``√(1−ᾱ_t)`` shaped ``(B, 1, 1, 1)``, in ``x0``'s dtype (diffusers' arithmetic)."""
+    alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
+    if alphas_cumprod is None:
+        raise ValueError(
+            f"{type(scheduler).__name__} has no alphas_cumprod; pass a DDPM-family training scheduler "
+            "(e.g. DDPMScheduler with the model's prediction_type and betas)."
+        )
+    alpha_bar = alphas_cumprod.to(x0.device, x0.dtype)[t].flatten()
+    shape = (-1, *([1] * (x0.ndim - 1)))  # (B, 1, 1, 1)
+    return (alpha_bar**0.5).reshape(shape), ((1 - alpha_bar) ** 0.5).reshape(shape)
 
 
 def min_snr_weight(alpha_bar: float, gamma: float, kind: str) -> float:
