@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffquant.efficientdm import EfficientDMConfig
+from diffquant.efficientdm import EfficientDMConfig, efficientdm_finetune
 from diffquant.finetune import (
     FinetuneConfig,
     FinetuneSetup,
@@ -57,6 +57,8 @@ def test_bad_configs_and_inputs_are_clear_errors():
         prepare_finetune(tiny_unet2d(), EfficientDMConfig(), scheduler=scheduler_for_tests())
     with pytest.raises(ValueError, match="weight_range"):
         QATFinetuneConfig(weight_range="minmax")
+    with pytest.raises(ValueError, match=r"train_data=\(images, conditioning\)"):  # no digits fallback
+        efficientdm_finetune(tiny_unet2d(), scheduler=scheduler_for_tests(), calibrate=print, distill=False)
 
 
 def test_a_new_method_registers_itself_and_dispatches_by_config_type():

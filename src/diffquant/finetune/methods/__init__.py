@@ -1,16 +1,13 @@
 """The built-in fine-tuning methods, one module each: a config dataclass and its registered ``prepare``.
 
-=============  ======================================  =================================================
-name           config                                  what trains / what ``finalize`` returns
-=============  ======================================  =================================================
-``fp-full``    :class:`FullFinetuneConfig`             every parameter (DreamBooth); the float model
-``lora``       :class:`LoRAFinetuneConfig`             peft LoRA on every Linear/Conv2d; the float model
-``tuneqdm``    :class:`TuneQDMFinetuneConfig`          timestep-aware scales of packed INT weights
-``qalora``     :class:`QALoRAFinetuneConfig`           QALoRA on an RTN model; merged quantized layers
-``efficientdm``  :class:`~diffquant.efficientdm.EfficientDMConfig`  PTQ start + QALoRA + TALSQ; merged
-``qlisa``      :class:`QLISAFinetuneConfig`            sampled NF4 layers, optimizer in backward; NF4 layers
-``qat``        :class:`QATFinetuneConfig`              fake-quant training; converted packed layers
-=============  ======================================  =================================================
+- ``fp-full`` (:class:`FullFinetuneConfig`): every parameter; the result stays a float model.
+- ``lora`` (:class:`LoRAFinetuneConfig`): peft LoRA on every Linear/Conv2d; a float model.
+- ``tuneqdm`` (:class:`TuneQDMFinetuneConfig`): timestep-aware scales of frozen packed INT weights.
+- ``qalora`` (:class:`QALoRAFinetuneConfig`): QALoRA on an RTN model; merged quantized layers.
+- ``efficientdm`` (:class:`~diffquant.efficientdm.EfficientDMConfig`): calibrated PTQ start, QALoRA,
+  scale-aware LR, TALSQ; merged quantized layers (train it with distillation or on data).
+- ``qlisa`` (:class:`QLISAFinetuneConfig`): sampled NF4 layers, optimizer in backward; NF4 layers.
+- ``qat`` (:class:`QATFinetuneConfig`): fake-quant training; converted packed layers.
 
 Adding a method is one new module here that calls
 :func:`~diffquant.finetune.registry.register_finetune_method`, plus its import below.
