@@ -7,9 +7,9 @@ import copy
 
 import pytest
 import torch
+from tiny_cases import Case, N
 from torch import nn
 
-from conftest import Case, N
 from diffquant.config import ActivationQuantConfig, QuantConfig, WeightQuantConfig
 from diffquant.efficientdm import EfficientDMConfig
 from diffquant.finetune import denoising_loss, fit_denoiser, model_output, prepare_finetune
