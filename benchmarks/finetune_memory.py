@@ -33,9 +33,9 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from diffquant.bench.digits.model import build_unet
+from diffquant.bench.personalize import PERSONALIZATION_METHODS
 from diffquant.eval.perf import model_size_bytes, track_peak_memory
-from diffquant.finetune.common import denoising_loss
-from diffquant.finetune.methods import METHODS, prepare_finetune
+from diffquant.finetune import denoising_loss, prepare_finetune
 from diffquant.io import atomic_write_text
 
 BATCH = {"digits": 16, "unet-cond": 2}
@@ -69,20 +69,22 @@ def measure(model_name: str, method: str, steps: int, device: str) -> dict:
     """One worker's measurement (see the module docstring)."""
     model, x0, cond = build(model_name)
     params = sum(p.numel() for p in model.parameters())
-    setup = prepare_finetune(model.to(device), method)
-    x0, cond = x0.to(device), {k: v.to(device) for k, v in cond.items()}
     scheduler = DDPMScheduler(num_train_timesteps=1000)
+    setup = prepare_finetune(model.to(device), PERSONALIZATION_METHODS[method], scheduler=scheduler)
+    x0, cond = x0.to(device), {k: v.to(device) for k, v in cond.items()}
     gen = torch.Generator().manual_seed(0)
     setup.model.train()
     start = time.perf_counter()
     with track_peak_memory(device) as mem:
         for _ in range(steps):
-            loss = denoising_loss(setup.model, x0, scheduler, generator=gen, **cond)
+            loss = denoising_loss(setup.model, x0, scheduler, cond, generator=gen)
             if setup.optimizer is not None:
                 setup.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if setup.optimizer is not None:
                 setup.optimizer.step()
+            if setup.lr_scheduler is not None:
+                setup.lr_scheduler.step()
             if setup.after_step is not None:
                 setup.after_step()
     seconds = (time.perf_counter() - start) / steps
@@ -138,7 +140,9 @@ def main() -> None:
     parser.add_argument("--out", default="out/bench")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--models", nargs="+", default=list(BATCH), choices=list(BATCH))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", default=list(PERSONALIZATION_METHODS), choices=list(PERSONALIZATION_METHODS)
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -24,6 +24,7 @@ from diffquant.bench.digits.cache import fp_scheduler, load_or_train_classifier,
 from diffquant.bench.digits.data import load_digits_dataset, train_test_split
 from diffquant.bench.digits.sampling import save_sample_grid
 from diffquant.bench.personalize import (
+    PERSONALIZATION_METHODS,
     PersonalizeConfig,
     evaluate_personalization,
     mirrored_digits,
@@ -32,17 +33,16 @@ from diffquant.bench.personalize import (
     subject_images,
     training_set,
 )
-from diffquant.finetune.methods import METHODS
 from diffquant.io import atomic_write_text
-
-DEFAULT_METHODS = ("fp-full", "lora", "tuneqdm-int8", "tuneqdm-int4", "qalora-int4", "qlisa")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/bench")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", default=list(PERSONALIZATION_METHODS), choices=list(PERSONALIZATION_METHODS)
+    )
     parser.add_argument("--no-prior", action="store_true", help="train without prior preservation")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--quick", action="store_true", help="60 steps, fewer samples (a smoke run)")

@@ -12,10 +12,10 @@ from diffquant import ActivationQuantConfig, QuantConfig, WeightQuantConfig, loa
 from diffquant.bench.digits.data import load_digits_dataset
 from diffquant.bench.digits.model import UNetConfig, build_unet
 from diffquant.bench.digits.train import training_scheduler
+from diffquant.bench.personalize import PERSONALIZATION_METHODS
 from diffquant.devices import module_device
 from diffquant.efficientdm.qalora import apply_qalora, merge_qalora
-from diffquant.finetune import fit_denoiser
-from diffquant.finetune.methods import METHODS, MethodOptions, prepare_finetune
+from diffquant.finetune import class_conditioning, fit_denoiser, prepare_finetune
 from diffquant.io import save_quantized
 from diffquant.models.tiny import example_inputs, scheduler_for_tests, tiny_unet2d
 from diffquant.qat import convert, prepare_qat
@@ -89,11 +89,11 @@ def test_checkpoint_saved_on_cuda_loads_on_cpu_and_back(tmp_path):
         assert torch.equal(_forward(on_gpu, inputs), expected)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(PERSONALIZATION_METHODS))
 def test_every_finetuning_method_trains_on_cuda(method):
     torch.manual_seed(0)
     model = build_unet(TINY).eval().to(CUDA)
-    setup = prepare_finetune(model, method, MethodOptions(lora_rank=2, qlisa_gamma=1, qlisa_interval=2))
+    setup = prepare_finetune(model, PERSONALIZATION_METHODS[method], scheduler=training_scheduler())
     trainable = [p for p in setup.model.parameters() if p.requires_grad]
     assert all(p.device.type == "cuda" for p in trainable), method
     before = [p.detach().clone() for p in trainable]
@@ -102,10 +102,11 @@ def test_every_finetuning_method_trains_on_cuda(method):
         setup.model,
         setup.optimizer,
         data.images[:8].to(CUDA),
-        data.labels[:8].to(CUDA),
+        class_conditioning(data.labels[:8].to(CUDA)),
         training_scheduler(),
         steps=3,
         batch_size=4,
+        lr_scheduler=setup.lr_scheduler,
         after_step=setup.after_step,
         progress=False,
     )

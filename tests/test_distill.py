@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from diffquant.finetune.conditioning import class_conditioning
 from diffquant.finetune.distill import distill
 from diffquant.models.tiny import scheduler_for_tests, tiny_unet2d
 
@@ -24,10 +25,18 @@ class Recorder(nn.Module):
         return self.inner(x, t, class_labels=cond)
 
 
-def run(student, teacher, iterations, lr=1e-3, **kwargs):
+def run(
+    student, teacher, iterations, lr=1e-3, classes=range(9), null_class=9, cond_kwarg="class_labels", **kwargs
+):
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
-    kwargs = {"batch_size": 4, "num_sampling_steps": STEPS, "classes": range(9), "null_class": 9, **kwargs}
+    kwargs = {
+        "batch_size": 4,
+        "num_sampling_steps": STEPS,
+        "conditioning": {cond_kwarg: torch.as_tensor(list(classes), dtype=torch.long)},
+        "unconditional": {cond_kwarg: torch.tensor([null_class])},
+        **kwargs,
+    }
     return distill(
         student,
         teacher,
@@ -109,10 +118,13 @@ def test_errors():
     frozen = copy.deepcopy(teacher).requires_grad_(False)
     with pytest.raises(ValueError, match="nothing to train"):
         distill(frozen, teacher, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0),
-                scheduler=scheduler_for_tests(), iterations=1, progress=False)  # fmt: skip
+                scheduler=scheduler_for_tests(), iterations=1, guidance_scale=1.0, progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="iterations"):
         run(copy.deepcopy(teacher), teacher, iterations=0)
     with pytest.raises(ValueError, match="snr_gamma"):
         run(copy.deepcopy(teacher), teacher, iterations=1, snr_gamma=0.0)
-    with pytest.raises(ValueError, match="classes is empty"):
+    with pytest.raises(ValueError, match="conditioning is empty"):
         run(copy.deepcopy(teacher), teacher, iterations=1, classes=[])
+    with pytest.raises(ValueError, match="needs `unconditional`"):
+        run(copy.deepcopy(teacher), teacher, iterations=1, unconditional=None)
+    assert class_conditioning(3)["class_labels"].shape == (1,)

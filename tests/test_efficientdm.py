@@ -23,6 +23,7 @@ from diffquant.efficientdm import (
     qalora_layers,
     scale_aware_param_groups,
 )
+from diffquant.finetune import class_conditioning
 from diffquant.models.tiny import example_inputs, scheduler_for_tests, tiny_unet2d
 from diffquant.nn import QuantConv2d, QuantLinear, StepTableActivationQuantizer
 
@@ -266,18 +267,19 @@ def test_first_and_last_layers_are_w8a8():
 def test_end_to_end_returns_a_merged_quantized_model(distill):
     fp = tiny_unet2d()
     before = {k: v.clone() for k, v in fp.state_dict().items()}
-    data = (torch.randn(16, 1, 8, 8), torch.randint(0, 9, (16,)))
+    data = (torch.randn(16, 1, 8, 8), class_conditioning(torch.randint(0, 9, (16,))))
     model = efficientdm_finetune(
         fp,
         scheduler=scheduler_for_tests(),
         calibrate=calibrate,
+        conditioning=class_conditioning(torch.arange(9)),
+        unconditional=class_conditioning(9),
         train_data=data,
         act_bits=8,
         rank=4,
         iterations=3,
         batch_size=2,
         num_sampling_steps=3,
-        null_class=9,
         distill=distill,
         progress=False,
     )

@@ -15,9 +15,33 @@ from diffquant.bench.personalize import (
     subject_images,
     training_set,
 )
-from diffquant.finetune import denoising_loss, fit_denoiser, require_trainable
-from diffquant.finetune.methods import METHODS, MethodOptions, prepare_finetune
+from diffquant.finetune import (
+    class_conditioning,
+    denoising_loss,
+    finetune_methods,
+    fit_denoiser,
+    prepare_finetune,
+    require_trainable,
+)
+from diffquant.finetune.methods import (
+    FullFinetuneConfig,
+    LoRAFinetuneConfig,
+    QALoRAFinetuneConfig,
+    QATFinetuneConfig,
+    QLISAFinetuneConfig,
+    TuneQDMFinetuneConfig,
+)
 from diffquant.nn.qmodules import is_quantized_layer
+
+SMALL_CONFIGS = {
+    "fp-full": FullFinetuneConfig(),
+    "lora": LoRAFinetuneConfig(rank=2),
+    "tuneqdm": TuneQDMFinetuneConfig(),
+    "qalora": QALoRAFinetuneConfig(rank=2),
+    "qlisa": QLISAFinetuneConfig(gamma=1, interval=2),
+    "qat": QATFinetuneConfig(),
+}
+"""Every registered method that trains without calibration (efficientdm: tests/finetune/)."""
 
 TINY = UNetConfig(block_out_channels=(16, 32), attention_levels=(1,), attention_head_dim=8)
 
@@ -43,14 +67,14 @@ def test_nothing_trainable_is_an_error(unet):
 
 def _batch():
     data = load_digits_dataset()
-    return data.images[:8], data.labels[:8], training_scheduler()
+    return data.images[:8], class_conditioning(data.labels[:8]), training_scheduler()
 
 
 def test_denoising_loss_rejects_timesteps_outside_the_schedule(unet):
     images, labels, scheduler = _batch()
     with pytest.raises(ValueError, match=r"\[0, 999\]"):
-        denoising_loss(unet, images, scheduler, timesteps=torch.full((8,), 1000), class_labels=labels)
-    loss = denoising_loss(unet, images, scheduler, timesteps=torch.full((8,), 999), class_labels=labels)
+        denoising_loss(unet, images, scheduler, labels, timesteps=torch.full((8,), 1000))
+    loss = denoising_loss(unet, images, scheduler, labels, timesteps=torch.full((8,), 999))
     assert loss.ndim == 0 and torch.isfinite(loss)
 
 
@@ -71,18 +95,22 @@ def test_fit_denoiser_lowers_the_loss_and_calls_after_step(unet):
     )
     assert len(calls) == 30
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
-    with pytest.raises(ValueError, match="null_class"):
-        fit_denoiser(model, None, images, labels, scheduler, steps=1, label_dropout=0.5)
+    with pytest.raises(ValueError, match="needs `unconditional`"):
+        fit_denoiser(model, None, images, labels, scheduler, steps=1, cond_dropout=0.5)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_registered_method_is_tested():
+    assert set(finetune_methods()) == {*SMALL_CONFIGS, "efficientdm"}
+
+
+@pytest.mark.parametrize("method", sorted(SMALL_CONFIGS))
 def test_every_method_trains_only_what_it_should(unet, method):
     model = copy.deepcopy(unet)
-    setup = prepare_finetune(model, method, MethodOptions(lora_rank=2, qlisa_gamma=1, qlisa_interval=2))
+    setup = prepare_finetune(model, SMALL_CONFIGS[method], scheduler=training_scheduler())
     trainable = [p for p in setup.model.parameters() if p.requires_grad]
     total = sum(p.numel() for p in unet.parameters())
     assert trainable
-    if method != "fp-full":
+    if method not in ("fp-full", "qat"):  # QAT trains every weight (and its LSQ ranges)
         assert sum(p.numel() for p in trainable) < total / 2, method
     before = [p.detach().clone() for p in trainable]
     images, labels, scheduler = _batch()
@@ -94,6 +122,7 @@ def test_every_method_trains_only_what_it_should(unet, method):
         scheduler,
         steps=2,
         batch_size=4,
+        lr_scheduler=setup.lr_scheduler,
         after_step=setup.after_step,
         progress=False,
     )
@@ -103,12 +132,12 @@ def test_every_method_trains_only_what_it_should(unet, method):
     x = torch.randn(2, 1, 8, 8)
     out = final(x, torch.tensor([10, 900]), class_labels=torch.tensor([1, 2])).sample
     assert out.shape == x.shape and torch.isfinite(out).all()
-    if method in ("qalora-int4", "qlisa"):
+    if method in ("qalora", "qlisa", "qat"):
         assert any(is_quantized_layer(m) for m in final.modules()), method
 
 
 def test_unknown_method_is_an_error(unet):
-    with pytest.raises(ValueError, match="unknown fine-tuning method"):
+    with pytest.raises(TypeError, match="not a fine-tuning method config"):
         prepare_finetune(copy.deepcopy(unet), "dreambooth-xl")
 
 

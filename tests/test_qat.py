@@ -10,7 +10,7 @@ from diffquant import (
     quantize_,
     save_quantized,
 )
-from diffquant.finetune.common import denoising_loss, fit_denoiser
+from diffquant.finetune import class_conditioning, denoising_loss, fit_denoiser
 from diffquant.kernels import kernel_mode
 from diffquant.models.tiny import example_inputs, scheduler_for_tests, tiny_unet2d
 from diffquant.nn.act_quant import StaticActivationQuantizer
@@ -264,7 +264,16 @@ def test_convert_is_exact_on_a_diffusers_unet():
     model = prepare_qat(tiny_unet2d(), W4A8, weight_range="lsq", act_range="lsq")
     images, labels = torch.randn(8, 1, 8, 8), torch.arange(8)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    fit_denoiser(model, opt, images, labels, scheduler_for_tests(), steps=2, batch_size=4, progress=False)
+    fit_denoiser(
+        model,
+        opt,
+        images,
+        class_conditioning(labels),
+        scheduler_for_tests(),
+        steps=2,
+        batch_size=4,
+        progress=False,
+    )
     inputs = example_inputs(model, batch_size=3, timesteps=[999, 500, 3])
     with torch.no_grad():
         expected = model.eval()(**inputs).sample
@@ -284,7 +293,7 @@ def test_qat_finetune_lowers_the_loss_and_converts():
         timesteps = torch.linspace(0, 999, 16).long()
         with torch.no_grad():
             return denoising_loss(
-                m, images, scheduler, generator=gen, timesteps=timesteps, class_labels=labels
+                m, images, scheduler, class_conditioning(labels), generator=gen, timesteps=timesteps
             ).item()
 
     before = eval_loss(model)
@@ -292,7 +301,7 @@ def test_qat_finetune_lowers_the_loss_and_converts():
         model,
         W4A8,
         images=images,
-        labels=labels,
+        conditioning=class_conditioning(labels),
         scheduler=scheduler,
         steps=20,
         batch_size=8,

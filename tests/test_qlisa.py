@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffquant.finetune.common import denoising_loss, fit_denoiser
+from diffquant.finetune import class_conditioning, denoising_loss, fit_denoiser
 from diffquant.io import load_quantized, save_quantized
 from diffquant.models.tiny import example_inputs, scheduler_for_tests, tiny_unet2d
 from diffquant.nn.qmodules import QuantConv2d, QuantLinear
@@ -296,7 +296,7 @@ def test_finalize_save_load_round_trip_is_exact(tmp_path):
     sched, gen = scheduler_for_tests(), torch.Generator().manual_seed(0)
     x0, labels = torch.randn(4, 1, 8, 8, generator=gen), torch.arange(4)
     for _ in range(4):
-        denoising_loss(model, x0, sched, generator=gen, class_labels=labels).backward()
+        denoising_loss(model, x0, sched, class_conditioning(labels), generator=gen).backward()
         qlisa.step()
     model = qlisa.finalize().eval()
     assert {type(m) for m in model.modules()} & {QuantLinear, QuantConv2d} == {QuantLinear, QuantConv2d}
@@ -333,7 +333,7 @@ def test_short_training_on_tiny_unet_lowers_the_loss():
     def held_out_loss() -> float:
         with torch.no_grad():
             g = torch.Generator().manual_seed(123)
-            return denoising_loss(model, x0, sched, generator=g, class_labels=labels).item()
+            return denoising_loss(model, x0, sched, class_conditioning(labels), generator=g).item()
 
     qlisa = QLISADiffusion(model, gamma=2, interval=5, lr=3e-3).register().insert_hook()
     before = held_out_loss()
@@ -344,7 +344,15 @@ def test_short_training_on_tiny_unet_lowers_the_loss():
         qlisa.step()
 
     fit_denoiser(
-        model, None, x0, labels, sched, steps=40, batch_size=16, after_step=after_step, progress=False
+        model,
+        None,
+        x0,
+        class_conditioning(labels),
+        sched,
+        steps=40,
+        batch_size=16,
+        after_step=after_step,
+        progress=False,
     )
     assert qlisa.global_step == 40
     model = qlisa.finalize()

@@ -63,18 +63,23 @@ def test_config_json_round_trip_and_unknown_keys():
     assert TuneQDMConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ValueError, match="unknown TuneQDMConfig field.*experts"):
         TuneQDMConfig.from_dict({**cfg.to_dict(), "experts": 4})
+    assert cfg.bits == cfg.n_bits == 4 and "bits" in cfg.to_dict() and "n_bits" not in cfg.to_dict()
+    version_1 = {**cfg.to_dict(), "version": 1}
+    version_1["n_bits"] = version_1.pop("bits")
+    assert TuneQDMConfig.from_dict(version_1) == cfg == TuneQDMConfig(**version_1)  # the seed's format
 
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"n_bits": 3}, ValueError, r"n_bits in \(2, 4, 8\)"),
-        ({"n_bits": 16}, ValueError, "n_bits"),
+        ({"n_bits": 3}, ValueError, r"bits in \(2, 4, 8\)"),
+        ({"bits": 16}, ValueError, "bits"),
+        ({"bits": 4, "n_bits": 2}, ValueError, "pass only one"),
         ({"num_experts": 0}, ValueError, r">= 1 and <= total_denoising_steps \(1000\)"),
         ({"num_experts": 11, "total_denoising_steps": 10}, ValueError, r"<= total_denoising_steps \(10\)"),
         ({"total_denoising_steps": 0}, ValueError, "total_denoising_steps must be >= 1"),
         ({"train_delta_in": False, "train_delta_out": False}, ValueError, "nothing to train"),
-        ({"n_bits": 8.0}, TypeError, "n_bits must be an int"),
+        ({"n_bits": 8.0}, TypeError, "bits must be an int"),
         ({"train_delta_in": 1}, TypeError, "True or False"),
         ({"exclude": "conv_in"}, TypeError, "not one string"),
         ({"include": ["("]}, ValueError, "not a valid regex"),
@@ -424,7 +429,7 @@ def test_save_load_round_trip_is_exact(tmp_path):
 @pytest.mark.parametrize(
     ("other", "field"),
     [
-        ({"n_bits": 4}, "n_bits: checkpoint 8, model 4"),
+        ({"bits": 4}, "bits: checkpoint 8, model 4"),
         ({"num_experts": 2}, "num_experts: checkpoint 4, model 2"),
         ({"train_delta_in": False}, "train_delta_in: checkpoint True, model False"),
     ],

@@ -21,7 +21,7 @@ from diffquant.bench.digits.cache import fp_scheduler, load_or_train_fp_model
 from diffquant.bench.digits.data import DigitsData, load_digits_dataset, train_test_split
 from diffquant.bench.digits.model import NULL_CLASS
 from diffquant.config import QuantConfig
-from diffquant.finetune.common import denoising_loss, fit_denoiser
+from diffquant.finetune import class_conditioning, denoising_loss, fit_denoiser
 from diffquant.io import save_quantized
 from diffquant.qlisa import NF4_CONFIG, QLISADiffusion
 
@@ -53,7 +53,9 @@ def held_out_loss(model: torch.nn.Module, data: DigitsData, scheduler, seed: int
     """Denoising loss on ``data`` with fixed noise and timesteps (comparable across models)."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    return denoising_loss(model, data.images, scheduler, generator=gen, class_labels=data.labels).item()
+    return denoising_loss(
+        model, data.images, scheduler, class_conditioning(data.labels), generator=gen
+    ).item()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,12 +84,12 @@ def main(argv: list[str] | None = None) -> None:
         model,
         None,
         train.images,
-        train.labels,
+        class_conditioning(train.labels),
         scheduler,
         steps=args.steps,
         batch_size=args.batch_size,
-        label_dropout=args.label_dropout,
-        null_class=NULL_CLASS,
+        unconditional=class_conditioning(NULL_CLASS),
+        cond_dropout=args.label_dropout,
         after_step=qlisa.step,
         seed=args.seed,
         progress=not args.no_progress,

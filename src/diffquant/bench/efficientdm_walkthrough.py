@@ -38,13 +38,14 @@ from torch import nn
 from diffquant.api import weight_bits_per_parameter
 from diffquant.bench.demo import DemoSettings, calibration_fn
 from diffquant.bench.digits.cache import fp_scheduler, load_or_train_classifier, load_or_train_fp_model
-from diffquant.bench.digits.data import NUM_DIGITS, load_digits_dataset
+from diffquant.bench.digits.data import NUM_DIGITS, load_digits_dataset, train_test_split
 from diffquant.bench.digits.model import NULL_CLASS
 from diffquant.bench.digits.sampling import DEFAULT_GUIDANCE, sample_digits, save_sample_grid
+from diffquant.bench.recipes import DIGITS, UNCONDITIONAL
 from diffquant.efficientdm.recipe import EfficientDMConfig, finetune_ptq_model, ptq_start
 from diffquant.eval.frechet import classifier_features, frechet_distance, noise_floor_fd
 from diffquant.eval.metrics import class_accuracy, psnr
-from diffquant.finetune.common import predict_noise
+from diffquant.finetune import class_conditioning, model_output
 from diffquant.io import atomic_write_bytes, atomic_write_text, load_quantized, save_quantized
 
 RESULTS_NAME = "efficientdm_results.json"
@@ -133,7 +134,7 @@ class WalkthroughSettings:
     def config(self, switches: dict[str, bool] | None = None) -> EfficientDMConfig:
         """The fine-tune settings of a step."""
         return EfficientDMConfig(
-            weight_bits=self.weight_bits,
+            bits=self.weight_bits,
             act_bits=self.act_bits,
             calibration_steps=self.calibration_steps,
             iterations=self.iterations,
@@ -247,12 +248,12 @@ class Walkthrough:
         size = self.fp_model.config.sample_size
         x = torch.randn((_EPS_TRAJECTORIES, 1, size, size), generator=gen)
         digits = torch.arange(_EPS_TRAJECTORIES) % NUM_DIGITS
-        labels = torch.cat([digits, torch.full_like(digits, NULL_CLASS)])  # (2N,): [cond, uncond]
+        cond = class_conditioning(torch.cat([digits, torch.full_like(digits, NULL_CLASS)]))  # (2N,): [c, u]
         total = 0.0
         for t in sampler.timesteps:
             x_in, t_in = torch.cat([x, x]), t.reshape(1).repeat(2 * _EPS_TRAJECTORIES)  # (2N,) timesteps
-            eps = predict_noise(self.fp_model, x_in, t_in, class_labels=labels)
-            total += torch.mean((predict_noise(model, x_in, t_in, class_labels=labels) - eps) ** 2).item()
+            eps = model_output(self.fp_model, x_in, t_in, cond)
+            total += torch.mean((model_output(model, x_in, t_in, cond) - eps) ** 2).item()
             eps_c, eps_u = eps.chunk(2)
             x = sampler.step(eps_u + DEFAULT_GUIDANCE * (eps_c - eps_u), t, x, return_dict=False)[0]
         return total / len(sampler.timesteps)
@@ -309,8 +310,16 @@ class Walkthrough:
         self._fp_samples()
         model = self.ptq_model()
         config = self.settings.config(step.switches)
+        train, _ = train_test_split(load_digits_dataset(self.fp_model.config.sample_size))
         report = finetune_ptq_model(
-            model, self.fp_model, config, scheduler=self.scheduler, progress=self.progress
+            model,
+            self.fp_model,
+            config,
+            scheduler=self.scheduler,
+            conditioning=DIGITS,
+            unconditional=UNCONDITIONAL,
+            train_data=(train.images, class_conditioning(train.labels)),
+            progress=self.progress,
         )
         save_quantized(model, self.out_dir / "checkpoints" / name)
         window = config.num_sampling_steps if config.distill else max(1, len(report.losses) // 10)

@@ -1,6 +1,10 @@
-"""Fine-tuned rows of ``diffquant demo``: recipes that turn the float digits model into a quantized,
-fine-tuned one. A row names its recipe in :attr:`~diffquant.bench.rows.DemoRow.finetune`; the row's
-``config`` says which bit-widths the recipe targets.
+"""Fine-tuned rows of ``diffquant demo``: the digits benchmark's settings of the fine-tuning methods.
+
+A row names its recipe in :attr:`~diffquant.bench.rows.DemoRow.finetune` (a fine-tuning method of
+:mod:`diffquant.finetune.methods`); the row's ``config`` says which bit-widths the recipe targets. Each
+recipe is data: the method's config for the digits model, and how it trains (data-free distillation
+from the float model, or the denoising loss on the digits training split). The setup, the training
+loops and ``finalize`` are the library's (:func:`diffquant.finetune.prepare_finetune`).
 
 - ``efficientdm``: PTQ start (first/last layers W8A8, per-step activation tables), QALoRA with
   scale-aware learning rates and TALSQ, data-free distillation from the float model, merge.
@@ -14,22 +18,26 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from diffquant.bench.digits.cache import fp_scheduler
-from diffquant.bench.digits.data import load_digits_dataset, train_test_split
+from diffquant.bench.digits.data import NUM_DIGITS, load_digits_dataset, train_test_split
 from diffquant.bench.digits.model import NULL_CLASS
 from diffquant.config import QuantConfig
-from diffquant.efficientdm import efficientdm_finetune
-from diffquant.finetune.common import fit_denoiser
+from diffquant.efficientdm import EfficientDMConfig
+from diffquant.finetune import FinetuneConfig, class_conditioning, fit_denoiser, prepare_finetune
 from diffquant.finetune.distill import distill
-from diffquant.models import get_arch_spec
-from diffquant.qat import qat_finetune
-from diffquant.qlisa import QLISADiffusion
-from diffquant.tuneqdm import TuneQDMConfig, apply_tuneqdm, delta_param_groups, register_tas_pre_hook
+from diffquant.finetune.methods import QATFinetuneConfig, QLISAFinetuneConfig, TuneQDMFinetuneConfig
+from diffquant.tuneqdm import TuneQDMConfig
+
+DIGITS = class_conditioning(torch.arange(NUM_DIGITS))
+"""The conditionings distillation trajectories draw from: the ten digits."""
+UNCONDITIONAL = class_conditioning(NULL_CLASS)
+"""The null class: classifier-free guidance's unconditional half and the dropout replacement."""
 
 
 @dataclass(frozen=True)
@@ -61,92 +69,108 @@ QLISA_LR = 1e-4
 """Learning rate of the QLISA row (Adam on the sampled float layers). FD / FP on the full demo: 1.08 at
 1e-4, 1.30 at 3e-4 and at 1e-3 (plain NF4 without fine-tuning: 1.07)."""
 
-Recipe = Callable[[nn.Module, QuantConfig, FinetuneBudget, Callable[[nn.Module], None]], nn.Module]
+DATA_BATCH_SIZE = 64
+DATA_COND_DROPOUT = 0.1
 
 
-def _train_data(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    train, _ = train_test_split(load_digits_dataset(model.config.sample_size))
-    return train.images, train.labels
+@dataclass(frozen=True)
+class DemoRecipe:
+    """One fine-tuned row's method settings and training.
+
+    Attributes:
+        config: ``(row config, budget) -> method config`` (the row gives the bit widths).
+        distill: train by data-free distillation from the float model; else on the digits data.
+        distill_options: extra :func:`~diffquant.finetune.distill.distill` arguments.
+    """
+
+    config: Callable[[QuantConfig, FinetuneBudget], FinetuneConfig]
+    distill: bool
+    distill_options: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(
+        self,
+        fp_model: nn.Module,
+        quant: QuantConfig,
+        budget: FinetuneBudget,
+        calibrate: Callable[[nn.Module], None],
+    ) -> nn.Module:
+        """Fine-tune a copy of ``fp_model`` (left untouched) and return the deployable model."""
+        scheduler = fp_scheduler()
+        setup = prepare_finetune(
+            copy.deepcopy(fp_model).eval(),
+            self.config(quant, budget),
+            scheduler=scheduler,
+            calibrate=calibrate,
+        )
+        if self.distill:
+            distill(
+                setup.model,
+                fp_model,
+                setup.optimizer,
+                scheduler=scheduler,
+                iterations=budget.distill_iterations,
+                conditioning=DIGITS,
+                unconditional=UNCONDITIONAL,
+                lr_scheduler=setup.lr_scheduler,
+                progress=False,
+                **self.distill_options,
+            )
+        else:
+            train, _ = train_test_split(load_digits_dataset(fp_model.config.sample_size))
+            fit_denoiser(
+                setup.model,
+                setup.optimizer,
+                train.images,
+                class_conditioning(train.labels),
+                scheduler,
+                steps=budget.data_steps,
+                batch_size=DATA_BATCH_SIZE,
+                unconditional=UNCONDITIONAL,
+                cond_dropout=DATA_COND_DROPOUT,
+                lr_scheduler=setup.lr_scheduler,
+                after_step=setup.after_step,
+                progress=False,
+            )
+        return setup.inference_model()
 
 
-def _efficientdm(fp_model, config, budget, calibrate) -> nn.Module:
-    acts = config.activations
-    return efficientdm_finetune(
-        fp_model,
-        scheduler=fp_scheduler(),
-        calibrate=calibrate,
-        weight_bits=config.weights.bits,
+def _efficientdm(quant: QuantConfig, budget: FinetuneBudget) -> EfficientDMConfig:
+    acts = quant.activations
+    return EfficientDMConfig(
+        bits=quant.weights.bits,
         act_bits=acts.bits if acts is not None else 8,
         iterations=budget.distill_iterations,
-        progress=False,
     )
 
 
-def _tuneqdm(fp_model, config, budget, calibrate) -> nn.Module:
-    model = copy.deepcopy(fp_model)
-    tq = TuneQDMConfig(
-        n_bits=config.weights.bits,
-        num_experts=4,
-        train_delta_in=True,
-        exclude=tuple(get_arch_spec(model).keep_fp),
-    )
-    apply_tuneqdm(model, tq)
-    register_tas_pre_hook(model, tq.num_experts, schedule=fp_scheduler())
-    # rates relative to each layer's step: one absolute rate that suits INT4 scales wipes out INT8 ones
-    optimizer = torch.optim.AdamW(delta_param_groups(model, lr=TUNEQDM_LR), weight_decay=0.0)
-    distill(
-        model,
-        fp_model,
-        optimizer,
-        scheduler=fp_scheduler(),
-        iterations=budget.distill_iterations,
-        progress=False,
-    )
-    return model.eval()
+def _efficientdm_distill() -> dict[str, Any]:
+    defaults = EfficientDMConfig()
+    return {
+        "batch_size": defaults.batch_size,
+        "num_sampling_steps": defaults.num_sampling_steps,
+        "guidance_scale": defaults.guidance_scale,
+        "snr_gamma": defaults.snr_gamma,
+        "seed": defaults.seed,
+    }
 
 
-def _qlisa(fp_model, config, budget, calibrate) -> nn.Module:
-    model = copy.deepcopy(fp_model)
-    qlisa = QLISADiffusion(model, gamma=4, interval=20, lr=QLISA_LR).register().insert_hook()
-    images, labels = _train_data(model)
-    fit_denoiser(
-        model,
-        None,
-        images,
-        labels,
-        fp_scheduler(),
-        steps=budget.data_steps,
-        batch_size=64,
-        label_dropout=0.1,
-        null_class=NULL_CLASS,
-        after_step=qlisa.step,
-        progress=False,
-    )
-    return qlisa.finalize().eval()
-
-
-def _qat(fp_model, config, budget, calibrate) -> nn.Module:
-    images, labels = _train_data(fp_model)
-    return qat_finetune(
-        copy.deepcopy(fp_model),
-        config,
-        images=images,
-        labels=labels,
-        scheduler=fp_scheduler(),
-        steps=budget.data_steps,
-        batch_size=64,
-        lr=1e-4,
-        null_class=NULL_CLASS,
-        label_dropout=0.1,
-        progress=False,
-    ).eval()
-
-
-FINETUNE_RECIPES: dict[str, Recipe] = {
-    "efficientdm": _efficientdm,
-    "tuneqdm": _tuneqdm,
-    "qlisa": _qlisa,
-    "qat": _qat,
+FINETUNE_RECIPES: dict[str, DemoRecipe] = {
+    "efficientdm": DemoRecipe(_efficientdm, distill=True, distill_options=_efficientdm_distill()),
+    "tuneqdm": DemoRecipe(
+        lambda quant, budget: TuneQDMFinetuneConfig(
+            tuneqdm=TuneQDMConfig(bits=quant.weights.bits, num_experts=4, train_delta_in=True),
+            lr=TUNEQDM_LR,
+            keep_arch_fp=True,
+        ),
+        distill=True,
+    ),
+    "qlisa": DemoRecipe(
+        lambda quant, budget: QLISAFinetuneConfig(gamma=4, interval=20, lr=QLISA_LR), distill=False
+    ),
+    "qat": DemoRecipe(
+        lambda quant, budget: QATFinetuneConfig(quant=quant, lr=1e-4, cosine_steps=budget.data_steps),
+        distill=False,
+    ),
 }
-"""Recipe by name; each gets the float model (left untouched), the row's config, the step budget
+"""Recipe by method name; each gets the float model (left untouched), the row's config, the step budget
 and the demo's calibration function, and returns the fine-tuned quantized model."""

@@ -22,8 +22,8 @@ import dataclasses
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import InitVar, dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +41,9 @@ from diffquant.efficientdm.qalora import apply_qalora, merge_qalora
 from diffquant.efficientdm.scale_aware import scale_aware_param_groups
 from diffquant.efficientdm.talsq import enable_talsq
 from diffquant.finetune.common import fit_denoiser
+from diffquant.finetune.conditioning import Conditioning
 from diffquant.finetune.distill import distill
+from diffquant.finetune.registry import FinetuneConfig, FinetuneSetup
 from diffquant.models import get_arch_spec
 from diffquant.nn.qmodules import quant_layer_class
 
@@ -49,12 +51,13 @@ EDGE_BITS = 8
 """Bit-width of the first and last layers' weights and inputs (EfficientDM keeps them at W8A8)."""
 
 
-@dataclass(frozen=True)
-class EfficientDMConfig:
-    """Settings of :func:`efficientdm_finetune`.
+@dataclass(frozen=True, kw_only=True)
+class EfficientDMConfig(FinetuneConfig):
+    """Settings of :func:`efficientdm_finetune` (fine-tuning method ``"efficientdm"``).
 
     Args:
-        weight_bits: weight bit-width of all layers but the first and last (those are 8-bit).
+        bits: weight bit-width of all layers but the first and last (those are 8-bit). ``weight_bits``
+            is accepted as an alias (and read as ``config.weight_bits``).
         act_bits: input-activation bit-width of those layers.
         weight_method: PTQ weight method of the start model (``"rtn"``, ``"gptq"``, ``"qronos"``).
         weight_range: range choice of the PTQ weights (``"minmax"``, ``"percentile"``, ``"mse"``).
@@ -67,26 +70,33 @@ class EfficientDMConfig:
             1e-2 (relative) reduce the student-teacher ε error the most; 2e-3 / 3e-2 diverge.
         step_lr: weight-step learning rate relative to each layer's mean step; act_lr: the same
             for the activation step tables (see :func:`~diffquant.efficientdm.scale_aware_param_groups`).
-        cosine: decay every learning rate to 0 along a cosine (``False``: constant).
+        cosine: decay every learning rate to 0 along a cosine over ``iterations`` (``False``: constant).
         scale_aware: per-layer LoRA learning rates proportional to the weight step.
         talsq: train the per-timestep activation tables.
         distill: data-free distillation from the float model; ``False`` trains on images with the
             denoising loss.
         batch_size: trajectories (distillation) or images (denoising loss) per step.
-        num_sampling_steps: DDIM steps of each distillation trajectory.
+        num_sampling_steps: sampler steps of each distillation trajectory.
         guidance_scale: classifier-free guidance of the distillation trajectories.
-        snr_gamma: min-SNR-γ weighting of the distillation loss (``None``: EfficientDM's plain ε MSE).
+        snr_gamma: min-SNR-γ weighting of the distillation loss (``None``: EfficientDM's plain MSE).
             Measured on digits W4A4 (300 steps): the plain MSE spends the fine-tune on the last,
             near-noiseless step and leaves PSNR vs FP at the PTQ start's 23.3 dB; γ = 5 gives 25.6 dB.
-        label_dropout: label → null-class probability of the denoising-loss batches.
-        null_class: the "no class" id (classifier-free guidance).
+            Flow-matching models need ``None``.
+        cond_dropout: conditioning → unconditional probability of the denoising-loss batches.
         seed: seeds LoRA initialisation, batches and noise.
+        version: config schema version.
 
     Raises:
-        ValueError: on a non-positive count or learning rate.
+        ValueError: on a non-positive count or learning rate, or ``bits`` and a different
+            ``weight_bits`` both given.
+
+    Example:
+        >>> EfficientDMConfig(weight_bits=4, act_bits=8).label
+        'W4A8'
     """
 
-    weight_bits: int = 4
+    method: ClassVar[str] = "efficientdm"
+    bits: int = 4
     act_bits: int = 4
     weight_method: str = "rtn"
     weight_range: str = "mse"
@@ -106,11 +116,19 @@ class EfficientDMConfig:
     num_sampling_steps: int = 25
     guidance_scale: float = 1.5
     snr_gamma: float | None = 5.0
-    label_dropout: float = 0.1
-    null_class: int = 10
+    cond_dropout: float = 0.1
     seed: int = 0
+    weight_bits: InitVar[int | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, weight_bits: int | None) -> None:
+        super().__post_init__()
+        if weight_bits is not None:
+            if self.bits not in (_DEFAULT_BITS, weight_bits):
+                raise ValueError(
+                    f"EfficientDMConfig got bits={self.bits} and weight_bits={weight_bits}; weight_bits is "
+                    "an alias of bits, pass only one."
+                )
+            object.__setattr__(self, "bits", weight_bits)
         for name in ("rank", "iterations", "batch_size", "num_sampling_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -119,6 +137,8 @@ class EfficientDMConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"EfficientDMConfig.{name} must be positive, got {value!r}.")
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ValueError(f"EfficientDMConfig.cond_dropout must be in [0, 1), got {self.cond_dropout}.")
 
     @classmethod
     def for_mode(cls, quick: bool, **fields: Any) -> EfficientDMConfig:
@@ -129,13 +149,13 @@ class EfficientDMConfig:
     @property
     def label(self) -> str:
         """``W4A4``-style label."""
-        return f"W{self.weight_bits}A{self.act_bits}"
+        return f"W{self.bits}A{self.act_bits}"
 
     def quant_config(self) -> QuantConfig:
         """The PTQ config of the layers between the first and the last."""
         return QuantConfig(
             weights=WeightQuantConfig(
-                bits=self.weight_bits,
+                bits=self.bits,
                 symmetric=False,
                 range_method=self.weight_range,
                 method=self.weight_method,
@@ -144,6 +164,10 @@ class EfficientDMConfig:
                 bits=self.act_bits, mode="step_table", range_method=self.act_range
             ),
         )
+
+
+_DEFAULT_BITS = 4
+EfficientDMConfig.weight_bits = property(lambda self: self.bits, doc="Alias of ``bits``.")
 
 
 @dataclass
@@ -270,31 +294,9 @@ def ptq_start(
     )
 
 
-def finetune_ptq_model(
-    model: nn.Module,
-    teacher: nn.Module,
-    config: EfficientDMConfig,
-    *,
-    scheduler: Any,
-    train_data: tuple[Tensor, Tensor] | None = None,
-    progress: bool = True,
-) -> EfficientDMReport:
-    """Fine-tune a PTQ model in place with QALoRA (+ the switches of ``config``) and merge it.
-
-    Args:
-        model: the quantized model (step-table activations when ``config.talsq``).
-        teacher: the float model (the distillation teacher).
-        config: the settings.
-        scheduler: the training noise scheduler (``DDPMScheduler``); distillation samples with DDIM
-            built from its config.
-        train_data: ``(images, labels)`` for the denoising loss (``config.distill=False``); default
-            the digits benchmark's training split.
-        progress: progress bar.
-
-    Returns:
-        The report (also attached as ``model.efficientdm_report``).
-    """
-    start = time.perf_counter()
+def qalora_setup(model: nn.Module, config: EfficientDMConfig) -> FinetuneSetup:
+    """QALoRA adapters (seeded by ``config.seed``), TALSQ when ``config.talsq``, scale-aware Adam groups
+    and the cosine schedule on a PTQ model, in place; ``finalize`` merges the adapters back."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # LoRA initialisation
         apply_qalora(model, config.rank, config.alpha)
@@ -307,46 +309,119 @@ def finetune_ptq_model(
     lr_scheduler = (
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.iterations) if config.cosine else None
     )
+    return FinetuneSetup(model, optimizer, lr_scheduler, finalize=lambda: merge_qalora(model))
+
+
+def train_setup(
+    setup: FinetuneSetup,
+    teacher: nn.Module,
+    config: EfficientDMConfig,
+    *,
+    scheduler: Any,
+    conditioning: Conditioning | None = None,
+    unconditional: Conditioning | None = None,
+    train_data: tuple[Tensor, Conditioning | None] | None = None,
+    progress: bool = True,
+) -> list[float]:
+    """Run ``config.iterations`` steps of distillation from ``teacher`` (``config.distill``) or of the
+    denoising loss on ``train_data``; returns the losses. Arguments as :func:`finetune_ptq_model`."""
+    if config.distill:
+        return distill(
+            setup.model,
+            teacher,
+            setup.optimizer,
+            scheduler=scheduler,
+            iterations=config.iterations,
+            conditioning=conditioning,
+            unconditional=unconditional,
+            batch_size=config.batch_size,
+            num_sampling_steps=config.num_sampling_steps,
+            guidance_scale=config.guidance_scale,
+            snr_gamma=config.snr_gamma,
+            lr_scheduler=setup.lr_scheduler,
+            seed=config.seed,
+            progress=progress,
+            desc=f"EfficientDM {config.label} distill",
+        )
+    if train_data is None:
+        raise ValueError(
+            "EfficientDMConfig(distill=False) trains on data: pass train_data=(images, conditioning) "
+            "(conditioning: model kwargs with one row per image, or None for an unconditional model)."
+        )
+    images, image_conditioning = train_data
+    return fit_denoiser(
+        setup.model,
+        setup.optimizer,
+        images,
+        image_conditioning,
+        scheduler,
+        steps=config.iterations,
+        batch_size=config.batch_size,
+        unconditional=unconditional,
+        cond_dropout=config.cond_dropout if unconditional is not None else 0.0,
+        lr_scheduler=setup.lr_scheduler,
+        seed=config.seed,
+        progress=progress,
+        desc=f"EfficientDM {config.label} denoise",
+    )
+
+
+def finetune_ptq_model(
+    model: nn.Module,
+    teacher: nn.Module,
+    config: EfficientDMConfig,
+    *,
+    scheduler: Any,
+    conditioning: Conditioning | None = None,
+    unconditional: Conditioning | None = None,
+    train_data: tuple[Tensor, Conditioning | None] | None = None,
+    progress: bool = True,
+) -> EfficientDMReport:
+    """Fine-tune a PTQ model in place with QALoRA (+ the switches of ``config``) and merge it.
+
+    Args:
+        model: the quantized model (step-table activations when ``config.talsq``).
+        teacher: the float model (the distillation teacher).
+        config: the settings.
+        scheduler: the training noise scheduler; distillation samples with DDIM (flow-matching Euler
+            for a flow scheduler) built from its config.
+        conditioning: distillation: the pool of conditionings trajectories draw from (model kwargs, e.g.
+            :func:`~diffquant.finetune.conditioning.class_conditioning` of ``torch.arange(10)``);
+            ``None`` for an unconditional model.
+        unconditional: the "no condition" conditioning (batch 1): the guided batch's second half and
+            the denoising loss's dropout replacement (``None``: no guidance, no dropout).
+        train_data: ``(images, conditioning per image)`` for the denoising loss (``config.distill=False``).
+        progress: progress bar.
+
+    Returns:
+        The report (also attached as ``model.efficientdm_report``).
+
+    Raises:
+        ValueError: ``config.distill=False`` without ``train_data``; guidance without ``unconditional``.
+    """
+    start = time.perf_counter()
+    if not config.distill and train_data is None:
+        raise ValueError(
+            "EfficientDMConfig(distill=False) trains on data: pass train_data=(images, conditioning)."
+        )
+    setup = qalora_setup(model, config)
+    groups = setup.optimizer.param_groups
     report = EfficientDMReport(
         config,
         trainable_parameters=sum(p.numel() for group in groups for p in group["params"]),
         learning_rates={group["name"]: group["lr"] for group in groups},
     )
-    if config.distill:
-        report.losses = distill(
-            model,
-            teacher,
-            optimizer,
-            scheduler=scheduler,
-            iterations=config.iterations,
-            batch_size=config.batch_size,
-            num_sampling_steps=config.num_sampling_steps,
-            guidance_scale=config.guidance_scale,
-            snr_gamma=config.snr_gamma,
-            null_class=config.null_class,
-            lr_scheduler=lr_scheduler,
-            seed=config.seed,
-            progress=progress,
-            desc=f"EfficientDM {config.label} distill",
-        )
-    else:
-        images, labels = train_data if train_data is not None else _digits_training_data(model)
-        report.losses = fit_denoiser(
-            model,
-            optimizer,
-            images,
-            labels,
-            scheduler,
-            steps=config.iterations,
-            batch_size=config.batch_size,
-            label_dropout=config.label_dropout,
-            null_class=config.null_class,
-            lr_scheduler=lr_scheduler,
-            seed=config.seed,
-            progress=progress,
-            desc=f"EfficientDM {config.label} denoise",
-        )
-    merge_qalora(model).eval()
+    report.losses = train_setup(
+        setup,
+        teacher,
+        config,
+        scheduler=scheduler,
+        conditioning=conditioning,
+        unconditional=unconditional,
+        train_data=train_data,
+        progress=progress,
+    )
+    setup.inference_model()
     report.finetune_seconds = time.perf_counter() - start
     model.efficientdm_report = report
     return report
@@ -358,20 +433,22 @@ def efficientdm_finetune(
     *,
     scheduler: Any,
     calibrate: Callable[[nn.Module], Any],
-    train_data: tuple[Tensor, Tensor] | None = None,
+    conditioning: Conditioning | None = None,
+    unconditional: Conditioning | None = None,
+    train_data: tuple[Tensor, Conditioning | None] | None = None,
     progress: bool = True,
     **overrides: Any,
 ) -> nn.Module:
     """EfficientDM on a float denoiser: PTQ start, QALoRA fine-tune, merge. ``fp_model`` is untouched.
 
     Args:
-        fp_model: the float class-conditional denoiser (also the distillation teacher).
+        fp_model: the float denoiser (also the distillation teacher), of any conditioning.
         config: the settings (default :class:`EfficientDMConfig`); keyword ``overrides`` replace
-            single fields, e.g. ``act_bits=8, iterations=100, distill=False``.
-        scheduler: the training noise scheduler (e.g. :func:`diffquant.bench.digits.cache.fp_scheduler`).
-        calibrate: ``fn(model)`` running the float sampler on a few samples (e.g.
-            :func:`diffquant.bench.demo.calibration_fn`); calibrates the activation tables.
-        train_data: ``(images, labels)`` for ``distill=False``.
+            single fields, e.g. ``bits=4`` (or ``weight_bits=4``), ``act_bits=8``, ``distill=False``.
+        scheduler: the model's training noise scheduler (ε, v, x₀ or flow matching).
+        calibrate: ``fn(model)`` running the float sampler on a few samples; calibrates the activation
+            tables.
+        conditioning, unconditional, train_data: the data, see :func:`finetune_ptq_model`.
         progress: progress bars.
 
     Returns:
@@ -380,32 +457,38 @@ def efficientdm_finetune(
         ``model.efficientdm_report``.
 
     Raises:
-        ValueError: for an unknown override or invalid settings.
+        ValueError: for an unknown override or invalid settings; ``distill=False`` without ``train_data``.
 
     Example:
-        >>> from diffquant.bench.digits.cache import fp_scheduler, load_or_train_fp_model
-        >>> fp = load_or_train_fp_model()  # doctest: +SKIP
-        >>> q = efficientdm_finetune(fp, scheduler=fp_scheduler(), calibrate=run_sampler,
-        ...                          weight_bits=4, act_bits=4, iterations=200)  # doctest: +SKIP
+        >>> q = efficientdm_finetune(fp_unet, scheduler=scheduler, calibrate=run_sampler, weight_bits=4,
+        ...                          act_bits=4, iterations=200,
+        ...                          conditioning={"encoder_hidden_states": prompt_states},
+        ...                          unconditional={"encoder_hidden_states": empty_prompt_states})  # doctest: +SKIP
     """
     config = config or EfficientDMConfig()
+    if "weight_bits" in overrides:
+        overrides["bits"] = overrides.pop("weight_bits")
     known = {f.name for f in dataclasses.fields(EfficientDMConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown EfficientDM setting(s) {unknown}; known settings are {sorted(known)}.")
     config = dataclasses.replace(config, **overrides)
+    if not config.distill and train_data is None:  # before the PTQ start's minutes of work
+        raise ValueError(
+            "EfficientDMConfig(distill=False) trains on data: pass train_data=(images, conditioning)."
+        )
     start = time.perf_counter()
     model = ptq_start(fp_model, config, calibrate=calibrate, scheduler=scheduler, progress=False)
     ptq_seconds = time.perf_counter() - start
     report = finetune_ptq_model(
-        model, fp_model, config, scheduler=scheduler, train_data=train_data, progress=progress
+        model,
+        fp_model,
+        config,
+        scheduler=scheduler,
+        conditioning=conditioning,
+        unconditional=unconditional,
+        train_data=train_data,
+        progress=progress,
     )
     report.ptq_seconds = ptq_seconds
     return model
-
-
-def _digits_training_data(model: nn.Module) -> tuple[Tensor, Tensor]:
-    from diffquant.bench.digits.data import load_digits_dataset, train_test_split
-
-    train, _ = train_test_split(load_digits_dataset(model.config.sample_size))
-    return train.images, train.labels

@@ -33,7 +33,7 @@ from torch import nn
 from diffquant.models.registry import register_arch
 from diffquant.models.spec import ArchSpec
 
-__all__ = ["DIT_SPEC", "PIXART_SPEC", "UNET2D_CONDITION_SPEC", "UNET2D_SPEC"]
+__all__ = ["DIT_SPEC", "PIXART_SPEC", "SD3_SPEC", "UNET2D_CONDITION_SPEC", "UNET2D_SPEC"]
 
 
 def _unet_blocks(model: nn.Module) -> list[str]:
@@ -104,5 +104,18 @@ PIXART_SPEC = ArchSpec(
     block_prefixes=_transformer_blocks,
 )
 
-for _spec in (UNET2D_SPEC, UNET2D_CONDITION_SPEC, DIT_SPEC, PIXART_SPEC):
+SD3_SPEC = ArchSpec(
+    name="SD3Transformer2DModel",
+    timestep_arg="timestep",
+    keep_fp=(
+        r"pos_embed\.proj",  # patch embedding conv: first layer
+        r"time_text_embed\.(?:timestep|text)_embedder\.linear_[12]",  # timestep + pooled-text MLPs
+        r"context_embedder",  # text-encoder states -> joint attention width
+        r"norm_out\.linear",  # final adaLN modulation
+        r"proj_out",  # last layer
+    ),
+    block_prefixes=_transformer_blocks,
+)
+
+for _spec in (UNET2D_SPEC, UNET2D_CONDITION_SPEC, DIT_SPEC, PIXART_SPEC, SD3_SPEC):
     register_arch(_spec.name, _spec)

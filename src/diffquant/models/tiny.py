@@ -21,7 +21,9 @@ import torch
 from diffusers import (
     DDPMScheduler,
     DiTTransformer2DModel,
+    FlowMatchEulerDiscreteScheduler,
     PixArtTransformer2DModel,
+    SD3Transformer2DModel,
     UNet2DConditionModel,
     UNet2DModel,
 )
@@ -31,9 +33,11 @@ from diffquant.devices import module_device
 
 __all__ = [
     "example_inputs",
+    "flow_scheduler_for_tests",
     "scheduler_for_tests",
     "tiny_dit",
     "tiny_pixart",
+    "tiny_sd3",
     "tiny_unet2d",
     "tiny_unet2d_condition",
 ]
@@ -41,7 +45,13 @@ __all__ = [
 _NUM_CLASSES = 10  # label vocabulary of the class-conditional tiny models
 _TEXT_TOKENS = 4  # sequence length of the fake text-encoder states in `example_inputs`
 _NUM_TRAIN_TIMESTEPS = 1000
-_ARCHS = (UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel, PixArtTransformer2DModel)
+_ARCHS = (
+    UNet2DModel,
+    UNet2DConditionModel,
+    DiTTransformer2DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+)
 
 
 def tiny_unet2d(
@@ -153,6 +163,47 @@ def tiny_pixart(
     )
 
 
+def tiny_sd3(
+    sample_size: int = 8,
+    num_layers: int = 2,
+    *,
+    in_channels: int = 4,
+    joint_attention_dim: int = 12,
+    pooled_projection_dim: int = 8,
+    seed: int = 0,
+) -> SD3Transformer2DModel:
+    """A Stable-Diffusion-3-shaped ``SD3Transformer2DModel`` (MMDiT, patch 2, width 16), about 22k
+    parameters; a flow-matching model: train and sample it with :func:`flow_scheduler_for_tests`.
+
+    Args:
+        sample_size: Latent spatial size; must be divisible by the patch size 2.
+        num_layers: Number of joint transformer blocks.
+        in_channels: Latent channels.
+        joint_attention_dim: Width of ``encoder_hidden_states`` (4096 for SD3's T5 + CLIP states).
+        pooled_projection_dim: Width of ``pooled_projections`` (2048 in SD3).
+        seed: ``torch.manual_seed`` used for the random initialisation.
+    """
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=joint_attention_dim,
+        caption_projection_dim=16,
+        pooled_projection_dim=pooled_projection_dim,
+        pos_embed_max_size=sample_size * 2,
+    )
+
+
+def flow_scheduler_for_tests() -> FlowMatchEulerDiscreteScheduler:
+    """``FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)`` (SD3's schedule)."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=_NUM_TRAIN_TIMESTEPS, shift=3.0)
+
+
 def scheduler_for_tests() -> DDPMScheduler:
     """``DDPMScheduler(num_train_timesteps=1000)`` with diffusers' default linear betas (1e-4 .. 0.02)."""
     return DDPMScheduler(num_train_timesteps=_NUM_TRAIN_TIMESTEPS)
@@ -168,8 +219,8 @@ def example_inputs(
     """Keyword arguments for one forward call of a tiny (or any) diffusers denoiser of the four classes.
 
     Args:
-        model: A ``UNet2DModel``, ``UNet2DConditionModel``, ``DiTTransformer2DModel`` or
-            ``PixArtTransformer2DModel``; shapes are read from ``model.config``.
+        model: A ``UNet2DModel``, ``UNet2DConditionModel``, ``DiTTransformer2DModel``,
+            ``PixArtTransformer2DModel`` or ``SD3Transformer2DModel``; shapes are read from ``model.config``.
         batch_size: Number of samples B.
         timesteps: One timestep per sample (length B), one for all, or None for random integers in
             [0, 1000). Always returned as a ``(B,)`` int64 tensor (DiT and PixArt require one).
@@ -177,8 +228,8 @@ def example_inputs(
 
     Returns:
         ``{"sample" | "hidden_states": (B, C, H, W), "timestep": (B,), ...}`` plus ``class_labels`` (B,),
-        ``encoder_hidden_states`` (B, 4, D) and ``added_cond_kwargs`` as the architecture needs, on the
-        model's device.
+        ``encoder_hidden_states`` (B, 4, D), ``added_cond_kwargs`` and ``pooled_projections`` (B, P) as
+        the architecture needs, on the model's device.
 
     Raises:
         TypeError: for a model of another class.
@@ -187,8 +238,8 @@ def example_inputs(
     if not isinstance(model, _ARCHS):
         raise TypeError(
             f"example_inputs does not know {type(model).__name__}; it supports UNet2DModel, "
-            "UNet2DConditionModel, DiTTransformer2DModel and PixArtTransformer2DModel. Build the "
-            "forward kwargs of other models yourself."
+            "UNet2DConditionModel, DiTTransformer2DModel, PixArtTransformer2DModel and "
+            "SD3Transformer2DModel. Build the forward kwargs of other models yourself."
         )
     cfg = model.config
     device = module_device(model)
@@ -219,6 +270,13 @@ def example_inputs(
         inputs = {"sample": x, "timestep": t}
         if cfg.num_class_embeds is not None:
             inputs["class_labels"] = labels()
+    elif isinstance(model, SD3Transformer2DModel):
+        inputs = {
+            "hidden_states": x,
+            "timestep": t,
+            "encoder_hidden_states": text(cfg.joint_attention_dim),
+            "pooled_projections": torch.randn(batch_size, cfg.pooled_projection_dim, generator=gen),
+        }
     elif isinstance(model, DiTTransformer2DModel):
         inputs = {"hidden_states": x, "timestep": t, "class_labels": labels() % cfg.num_embeds_ada_norm}
     else:  # PixArtTransformer2DModel

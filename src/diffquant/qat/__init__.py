@@ -3,8 +3,8 @@
 Fold BatchNorms (:func:`fuse_conv_bn`, :func:`fuse_modules`), swap Linear/Conv2d layers for
 fake-quantizing QAT layers (:func:`prepare_qat`), train, then :func:`convert` to packed
 :class:`~diffquant.nn.qmodules.QuantLinear` / :class:`~diffquant.nn.qmodules.QuantConv2d` layers that
-compute exactly what the eval-mode QAT model computes. :func:`qat_finetune` does all of it for a
-class-conditional denoiser.
+compute exactly what the eval-mode QAT model computes. :func:`qat_finetune` does all of it for any
+diffusers denoiser.
 
 Example:
     >>> import torch

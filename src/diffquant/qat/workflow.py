@@ -10,16 +10,17 @@
    activation range. The converted model computes exactly what the eval-mode QAT model computes and
    saves with :func:`diffquant.save_quantized`.
 
-:func:`qat_finetune` runs all of it on a class-conditional denoiser with the DDPM loss.
+:func:`qat_finetune` runs all of it on a denoiser with its scheduler's denoising loss.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from diffquant.config import QuantConfig, WeightQuantConfig
-from diffquant.finetune.common import fit_denoiser, require_trainable
+from diffquant.finetune.common import fit_denoiser
+from diffquant.finetune.conditioning import Conditioning
+from diffquant.finetune.registry import finetune_config, prepare_finetune
 from diffquant.layer_swap import replace_layers
 from diffquant.nn.qmodules import is_quantized_layer
 from diffquant.qat.modules import is_qat_layer, qat_layer_class
@@ -173,33 +174,36 @@ def qat_finetune(
     config: QuantConfig,
     *,
     images: Tensor,
-    labels: Tensor,
+    conditioning: Conditioning | None,
     scheduler,
+    unconditional: Conditioning | None = None,
+    cond_dropout: float = 0.0,
     steps: int = 300,
     batch_size: int = 64,
     lr: float = 1e-4,
     seed: int = 0,
     progress: bool = True,
-    null_class: int | None = None,
-    label_dropout: float = 0.0,
     weight_range: str = "lsq",
     act_range: str = "lsq",
 ) -> nn.Module:
-    """Quantization-aware fine-tuning of a class-conditional denoiser: prepare, train, convert (in place).
+    """Quantization-aware fine-tuning of a denoiser: prepare, train, convert (in place).
 
-    Every parameter (float weights, biases, norms, embeddings and LSQ step sizes) is trained with
-    AdamW (no weight decay) on the DDPM ε-loss (:func:`diffquant.finetune.common.fit_denoiser`) under a
+    The ``"qat"`` fine-tuning method (:class:`~diffquant.finetune.methods.QATFinetuneConfig`): every
+    parameter (float weights, biases, norms, embeddings and LSQ step sizes) is trained with AdamW (no
+    weight decay) on the scheduler's denoising loss (:func:`diffquant.finetune.fit_denoiser`) under a
     cosine learning-rate schedule.
 
     Args:
-        model: the float denoiser, called as ``model(x_t, t, class_labels=c)``.
+        model: the float denoiser.
         config: see :func:`prepare_qat`.
-        images: ``(N, C, H, W)`` training images; labels: ``int64 (N,)`` class ids.
-        scheduler: the training noise scheduler (e.g. :func:`diffquant.bench.digits.cache.fp_scheduler`).
+        images: ``(N, C, H, W)`` training images (or latents).
+        conditioning: model kwargs with one row per image (e.g. ``{"class_labels": labels}``), or
+            ``None`` for an unconditional model.
+        scheduler: the model's training noise scheduler (ε, v, x₀ or flow matching).
+        unconditional, cond_dropout: classifier-free-guidance dropout (keeps the unconditional
+            branch trained); see :func:`diffquant.finetune.fit_denoiser`.
         steps, batch_size, lr, seed: optimisation settings (``lr`` is the peak learning rate).
         progress: show a progress bar.
-        null_class, label_dropout: classifier-free-guidance label dropout (keeps the unconditional
-            branch trained).
         weight_range, act_range: see :func:`prepare_qat`; learned (LSQ) ranges by default.
 
     Returns:
@@ -210,23 +214,23 @@ def qat_finetune(
     """
     if steps < 1 or batch_size < 1:  # checked before the model is changed
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}.")
-    prepare_qat(model, config, weight_range=weight_range, act_range=act_range)
-    params = require_trainable(model, "the QAT model")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    lr_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    method = finetune_config(
+        "qat", quant=config, weight_range=weight_range, act_range=act_range, lr=lr, cosine_steps=steps
+    )
+    setup = prepare_finetune(model, method)
     fit_denoiser(
-        model,
-        optimizer,
+        setup.model,
+        setup.optimizer,
         images,
-        labels,
+        conditioning,
         scheduler,
         steps=steps,
         batch_size=batch_size,
-        label_dropout=label_dropout,
-        null_class=null_class,
-        lr_scheduler=lr_scheduler,
+        unconditional=unconditional,
+        cond_dropout=cond_dropout,
+        lr_scheduler=setup.lr_scheduler,
         seed=seed,
         progress=progress,
         desc="QAT",
     )
-    return convert(model)
+    return setup.inference_model()

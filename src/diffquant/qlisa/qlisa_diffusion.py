@@ -39,7 +39,8 @@ class QLISADiffusion:
     Args:
         model: the denoiser; its Linear/Conv2d layers are replaced by QLISA layers, every other
             parameter (norms, embeddings) is frozen and kept as it is.
-        gamma: middle layers trained per period besides the first and last (LMFlow default 2).
+        gamma: middle layers trained per period besides the first and last (default: LMFlow's 2, or
+            every middle layer of a model with fewer).
         interval: steps between re-samplings, K (LMFlow default 20).
         lr: learning rate of the default optimizer (AdamW, no weight decay); ignored when ``optimizer``
             is given.
@@ -74,7 +75,7 @@ class QLISADiffusion:
     def __init__(
         self,
         model: nn.Module,
-        gamma: int = DEFAULT_GAMMA,
+        gamma: int | None = None,
         interval: int = DEFAULT_INTERVAL,
         lr: float = 1e-4,
         optimizer: OptimizerFactory | None = None,
@@ -114,6 +115,8 @@ class QLISADiffusion:
                     f"layer {name!r} is a Conv2d with padding_mode={module.padding_mode!r}; QLISA supports "
                     f"'zeros' only. Keep it frozen in full precision with exclude=[{name!r}]."
                 )
+        if gamma is None:
+            gamma = min(DEFAULT_GAMMA, max(len(self.layer_names) - 2, 0))
         self.sampler = LayerSampler(len(self.layer_names), gamma, seed)
         self.optimizers = OptimizerInBackward(optimizer or adamw_factory(lr), lr_scheduler, max_grad_norm)
         self.global_step = 0

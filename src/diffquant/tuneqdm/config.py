@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
+from typing import Any
 
 from diffquant.config import _JsonConfig
 from diffquant.targeting import LayerSelection
 
 CONFIG_VERSION = 2
-"""Version 2 added ``keep_fp`` (default: the architecture's full-precision layers). Version 1 configs
-still load, as ``keep_fp=()``: they quantized every selected layer, so old delta checkpoints load onto
-the same layers."""
-READABLE_VERSIONS = (1, 2)
+"""Version 2 renamed ``n_bits`` to ``bits`` (``n_bits`` stays as an alias) and added ``keep_fp`` (default: the
+architecture's full-precision layers). Version 1 configs still load, as ``keep_fp=()``: they quantized every
+selected layer, so old delta checkpoints load onto the same layers."""
+_RENAMED_IN_V2 = {"n_bits": "bits"}
 SUPPORTED_BITS = (2, 4, 8)
 
 
@@ -25,7 +26,8 @@ class TuneQDMConfig(_JsonConfig):
     timestep ``t`` uses copy ``floor(t · num_experts / total_denoising_steps)``.
 
     Args:
-        n_bits: Weight bit-width: 2, 4 or 8 (stored packed 4, 2 and 1 per byte).
+        bits: Weight bit-width: 2, 4 or 8 (stored packed 4, 2 and 1 per byte). ``n_bits`` (the seed's
+            name, also read from version-1 JSON) is accepted as an alias; ``config.n_bits`` reads it.
         num_experts: TAS expert copies of every scale; 1 disables TAS (no timestep needed).
         train_delta_in: Train a per-input-channel scale ``delta_in`` (initialised to 1).
         train_delta_out: Train the per-output-channel scale ``delta_out`` (initialised to the min-max
@@ -43,17 +45,18 @@ class TuneQDMConfig(_JsonConfig):
         version: Config schema version (checked on load; version 1 configs load as ``keep_fp=()``).
 
     Raises:
-        ValueError: ``n_bits`` not in {2, 4, 8}; ``num_experts`` outside ``[1, total_denoising_steps]``;
+        ValueError: ``bits`` and a different ``n_bits`` both given; ``bits`` not in {2, 4, 8};
+            ``num_experts`` outside ``[1, total_denoising_steps]``;
             ``total_denoising_steps < 1``; nothing to train; an invalid regex; another version.
         TypeError: a non-integer count, a non-bool flag, or a single string for ``include``/``exclude``.
 
     Example:
         >>> cfg = TuneQDMConfig(n_bits=8, num_experts=4, train_delta_in=True)
-        >>> TuneQDMConfig.from_dict(cfg.to_dict()) == cfg
-        True
+        >>> TuneQDMConfig.from_dict(cfg.to_dict()) == cfg, cfg.bits
+        (True, 8)
     """
 
-    n_bits: int = 8
+    bits: int = 8
     num_experts: int = 1
     train_delta_in: bool = False
     train_delta_out: bool = True
@@ -63,27 +66,35 @@ class TuneQDMConfig(_JsonConfig):
     exclude: tuple[str, ...] = ()
     keep_fp: tuple[str, ...] | None = None
     version: int = CONFIG_VERSION
+    n_bits: InitVar[int | None] = None
 
-    def __post_init__(self) -> None:
-        if self.version not in READABLE_VERSIONS:
+    def __post_init__(self, n_bits: int | None) -> None:
+        if n_bits is not None:
+            if self.bits not in (8, n_bits):
+                raise ValueError(
+                    f"TuneQDMConfig got bits={self.bits} and n_bits={n_bits}; n_bits is the seed's name for "
+                    "bits, pass only one."
+                )
+            object.__setattr__(self, "bits", n_bits)
+        if self.version not in (1, CONFIG_VERSION):
             raise ValueError(
-                f"TuneQDMConfig version {self.version!r} is not supported (this diffquant reads versions "
-                f"{list(READABLE_VERSIONS)}); re-create the config or upgrade diffquant."
+                f"TuneQDMConfig version {self.version!r} is not supported (this diffquant reads versions 1 "
+                f"and {CONFIG_VERSION}); re-create the config or upgrade diffquant."
             )
-        if self.version == 1:  # version 1 had no keep_fp and quantized every selected layer
-            object.__setattr__(self, "keep_fp", ())
+        if self.version == 1:  # e.g. the seed's TuneQDMConfig(**{"n_bits": 8, ..., "version": 1})
+            object.__setattr__(self, "keep_fp", ())  # version 1 quantized every selected layer
             object.__setattr__(self, "version", CONFIG_VERSION)
-        for name in ("n_bits", "num_experts", "total_denoising_steps"):
+        for name in ("bits", "num_experts", "total_denoising_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"TuneQDMConfig.{name} must be an int, got {value!r}.")
         for name in ("train_delta_in", "train_delta_out", "symmetric"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"TuneQDMConfig.{name} must be True or False, got {getattr(self, name)!r}.")
-        if self.n_bits not in SUPPORTED_BITS:
+        if self.bits not in SUPPORTED_BITS:
             raise ValueError(
-                f"TuneQDM supports n_bits in {SUPPORTED_BITS} (packed 1, 2 or 4 codes per byte), got "
-                f"{self.n_bits}; use 8 (the paper's setting), 4 or 2."
+                f"TuneQDM supports bits in {SUPPORTED_BITS} (packed 1, 2 or 4 codes per byte), got "
+                f"{self.bits}; use 8 (the paper's setting), 4 or 2."
             )
         if self.total_denoising_steps < 1:
             raise ValueError(
@@ -112,3 +123,14 @@ class TuneQDMConfig(_JsonConfig):
     def selection(self) -> LayerSelection:
         """The layers this config quantizes, for :func:`diffquant.targeting.select_targets`."""
         return LayerSelection(self.include, self.exclude, self.keep_fp)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TuneQDMConfig:
+        """Build (and validate) a config from :meth:`to_dict` output; version-1 dicts (``n_bits``) are
+        upgraded. Unknown keys are rejected."""
+        if isinstance(data, dict) and data.get("version") == 1:
+            data = {_RENAMED_IN_V2.get(k, k): v for k, v in data.items()}
+        return super().from_dict(data)
+
+
+TuneQDMConfig.n_bits = property(lambda self: self.bits, doc="Alias of ``bits`` (the seed's name).")

@@ -104,7 +104,7 @@ class _TQLayer(nn.Module):
     @staticmethod
     def _quantize(weight: Tensor, config: TuneQDMConfig) -> IntPackedWeight:
         """Per-output-channel min-max round-to-nearest codes of ``weight``, packed."""
-        wcfg = WeightQuantConfig(bits=config.n_bits, granularity="channel", symmetric=config.symmetric)
+        wcfg = WeightQuantConfig(bits=config.bits, granularity="channel", symmetric=config.symmetric)
         return IntPackedWeight.from_float(weight, wcfg)
 
     def integer_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -236,7 +236,7 @@ class TQLinear(_TQLayer):
     def extra_repr(self) -> str:
         cfg = self.config
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, n_bits={cfg.n_bits}, "
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={cfg.bits}, "
             f"num_experts={cfg.num_experts}, train_delta_in={cfg.train_delta_in}"
         )
 
@@ -316,7 +316,7 @@ class TQConv2d(_TQLayer):
         cfg = self.config
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"n_bits={cfg.n_bits}, num_experts={cfg.num_experts}, train_delta_in={cfg.train_delta_in}"
+            f"bits={cfg.bits}, num_experts={cfg.num_experts}, train_delta_in={cfg.train_delta_in}"
         )
 
 
