@@ -192,8 +192,8 @@ CONFIG_CASES = [
         "unknown QuantConfig field",
     ),
     ("quant-from-dict-string", lambda: QuantConfig.from_dict("x"), TypeError, "expects a dict"),
-    ("tuneqdm-3-bits", lambda: TuneQDMConfig(n_bits=3), ValueError, "n_bits"),
-    ("tuneqdm-bits-bool", lambda: TuneQDMConfig(n_bits=True), TypeError, "n_bits must be an int"),
+    ("tuneqdm-3-bits", lambda: TuneQDMConfig(n_bits=3), ValueError, "bits in"),
+    ("tuneqdm-bits-bool", lambda: TuneQDMConfig(n_bits=True), TypeError, "bits must be an int"),
     ("tuneqdm-experts-zero", lambda: TuneQDMConfig(num_experts=0), ValueError, "num_experts"),
     (
         "tuneqdm-steps-zero",
