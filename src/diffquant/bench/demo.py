@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,11 +28,13 @@ from diffquant.bench.digits.sampling import sample_digits, save_sample_grid
 from diffquant.bench.recipes import FINETUNE_RECIPES, FinetuneBudget
 from diffquant.bench.report import write_report
 from diffquant.bench.rows import DEMO_ROWS, DemoRow
+from diffquant.bench.scoring import CI_LEVEL, RowScorer
+from diffquant.bench.timing import StageTimer, machine_info
 from diffquant.config import CalibrationConfig
-from diffquant.eval.frechet import classifier_features, frechet_distance, noise_floor_fd
-from diffquant.eval.metrics import class_accuracy, psnr
+from diffquant.eval.frechet import classifier_features, noise_floor_fd
 from diffquant.eval.perf import measure_paired_latency, model_size_bytes
 from diffquant.io import atomic_write_text
+from diffquant.ptq.calibration import record_denoiser_calls, replay
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class DemoSettings:
         calibration_samples: samples whose float DDIM trajectories calibrate the quantized rows.
         calibration_steps: denoising steps of those trajectories kept for calibration (uniformly spread).
         latency_batch: images per denoising step when timing (the model sees twice as many with CFG).
+        latency_rounds: alternating rounds of the row's and the float model's timing.
+        bootstrap_resamples: resamples of the paired bootstrap behind every interval.
         seed: seed of the float model, the classifier and the sampling noise.
     """
 
@@ -56,6 +59,8 @@ class DemoSettings:
     calibration_samples: int = 32
     calibration_steps: int = 25
     latency_batch: int = 64
+    latency_rounds: int = 3
+    bootstrap_resamples: int = 1000
     seed: int = 0
 
     @classmethod
@@ -77,6 +82,19 @@ def calibration_fn(settings: DemoSettings):
     def calibrate(model: nn.Module) -> None:
         # the float trajectories (quantizers observe, they do not quantize, while calibrating)
         sample_digits(model, labels, num_steps=settings.num_steps, seed=settings.seed + 1, progress=False)
+
+    return calibrate
+
+
+def recorded_calibration_fn(fp_model: nn.Module, settings: DemoSettings) -> Callable[[nn.Module], None]:
+    """Like :func:`calibration_fn`, but the float trajectories are sampled once, here, from ``fp_model``:
+    the returned function replays the recorded denoiser inputs on the model it is given (the float
+    model being calibrated, which computes exactly what the sampler would), so the rows of one run
+    share one sampling run."""
+    calls = record_denoiser_calls(fp_model, calibration_fn(settings), CalibrationConfig(merge_batch=None))
+
+    def calibrate(model: nn.Module) -> None:
+        replay(model, calls)
 
     return calibrate
 
@@ -106,73 +124,66 @@ class _RowContext:
     """What every row is scored against."""
 
     fp_model: nn.Module
-    classifier: nn.Module
-    real_features: torch.Tensor
+    scorer: RowScorer
+    calibrate: Callable[[nn.Module], None]
     settings: DemoSettings
     out_dir: Path
     models: dict[str, nn.Module]  # quantized models by row name (for transfer rows)
-    fp_samples: dict[str, torch.Tensor]  # float samples by sampler label
-    fp_fd: dict[str, float]  # float FD by sampler label
 
 
-def _quantized_model(row: DemoRow, ctx: _RowContext) -> tuple[nn.Module, float]:
+def _quantized_model(row: DemoRow, ctx: _RowContext) -> nn.Module:
     if row.transfer_of is not None:
-        return ctx.models[row.transfer_of], 0.0
-    start = time.perf_counter()
+        return ctx.models[row.transfer_of]
     if row.finetune is not None:
         budget = FinetuneBudget().scaled(ctx.settings.quick)
-        recipe = FINETUNE_RECIPES[row.finetune]
-        model = recipe(ctx.fp_model, row.config, budget, calibration_fn(ctx.settings))
-        return model, time.perf_counter() - start
+        return FINETUNE_RECIPES[row.finetune](ctx.fp_model, row.config, budget, ctx.calibrate)
     model = copy.deepcopy(ctx.fp_model)
     if row.config is not None:
         config = replace(row.config, calibration=CalibrationConfig(num_steps=ctx.settings.calibration_steps))
-        quantize_(model, config, calibrate=calibration_fn(ctx.settings), schedule=fp_scheduler())
-    return model, time.perf_counter() - start
+        quantize_(model, config, calibrate=ctx.calibrate, schedule=fp_scheduler())
+    return model
 
 
 def evaluate_row(row: DemoRow, source: DemoRow, ctx: _RowContext) -> dict[str, Any]:
     """Quantize a copy of the float model as ``source`` says (or re-use the transferred model),
-    sample it with ``row``'s sampler from the float model's seeds and score it."""
-    model, quantize_seconds = _quantized_model(row, ctx)
+    sample it with ``row``'s sampler from the float model's seeds and score it. The row's
+    ``seconds`` holds the wall time of each stage."""
+    timer = StageTimer()
+    with timer("quantize"):
+        model = _quantized_model(row, ctx)
     ctx.models[row.name] = model
     steps = row.num_steps or ctx.settings.num_steps
     sampler = f"{row.sampler}-{steps}"
-    labels = _balanced_labels(ctx.settings.num_samples)
-    samples = sample_digits(
-        model,
-        labels,
-        scheduler=make_sampler(row.sampler),
-        num_steps=steps,
-        seed=ctx.settings.seed,
-        progress=False,
-    )
-    save_sample_grid(samples[:100], labels[:100], ctx.out_dir / f"grid_{row.name}.png")
-    fd = frechet_distance(classifier_features(ctx.classifier, samples), ctx.real_features)
-    fp_samples = ctx.fp_samples.setdefault(sampler, samples)
-    fp_fd = ctx.fp_fd.setdefault(sampler, fd)
-    inputs = _latency_inputs(model, ctx.settings.latency_batch)
-    latency_ms, fp_latency_ms = measure_paired_latency(model, ctx.fp_model, inputs, rounds=3, repeats=2)
+    labels = ctx.scorer.labels
+    with timer("sample"):
+        samples = sample_digits(
+            model, labels, scheduler=make_sampler(row.sampler), num_steps=steps, seed=ctx.settings.seed,
+            progress=False,
+        )  # fmt: skip
+    with timer("score"):
+        scores = ctx.scorer.score(samples, sampler)
+        save_sample_grid(samples[:100], labels[:100], ctx.out_dir / f"grid_{row.name}.png")
+    with timer("latency"):
+        inputs = _latency_inputs(model, ctx.settings.latency_batch)
+        latency_ms, fp_latency_ms = measure_paired_latency(
+            model, ctx.fp_model, inputs, rounds=ctx.settings.latency_rounds, repeats=2
+        )
     return {
         "name": row.name,
         "weights": source.weights_label,
         "activations": source.activations_label,
         "method": row.method,
         "sampler": sampler,
-        "fd": fd,
-        "fd_ratio": fd / fp_fd,  # to the float model under the same sampler
-        "class_accuracy": class_accuracy(ctx.classifier, samples, labels),
-        "psnr_vs_fp": psnr(samples, fp_samples)
-        if fp_samples is not samples
-        else None,  # FP vs itself: undefined
+        **scores,
         "bits_per_weight": weight_bits_per_parameter(model),
         "size_bytes": model_size_bytes(model),
         "step_latency_ms": latency_ms,
         "latency_vs_fp": latency_ms / fp_latency_ms,
-        "calibration_seconds": quantize_seconds,
+        "calibration_seconds": timer.seconds["quantize"] if row.transfer_of is None else 0.0,
         "transfer_of": row.transfer_of,
         "finetune": source.finetune,
         "grid": f"grid_{row.name}.png",
+        "seconds": timer.seconds,
     }
 
 
@@ -197,32 +208,48 @@ def run_demo(
     _check_rows(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = DemoSettings.for_mode(quick, seed)
-    started = time.perf_counter()
-    fp_model = load_or_train_fp_model(cache_dir, seed=seed, progress=progress).eval()
-    classifier = load_or_train_classifier(cache_dir, seed=seed).eval()
-    data = load_digits_dataset(fp_model.config.sample_size)
-    ctx = _RowContext(
-        fp_model, classifier, classifier_features(classifier, data.images), settings, out_dir, {}, {}, {}
-    )
+    timer = StageTimer()
+    with timer("float_model"):
+        fp_model = load_or_train_fp_model(cache_dir, seed=seed, progress=progress).eval()
+    with timer("classifier"):
+        classifier = load_or_train_classifier(cache_dir, seed=seed).eval()
+        data = load_digits_dataset(fp_model.config.sample_size)
+        real_features = classifier_features(classifier, data.images)
+        noise_floor = noise_floor_fd(classifier, data, seed=seed)
+    with timer("calibration_trajectories"):
+        calibrate = recorded_calibration_fn(fp_model, settings)
+    scorer = RowScorer(
+        classifier, real_features, _balanced_labels(settings.num_samples),
+        resamples=settings.bootstrap_resamples, seed=seed,
+    )  # fmt: skip
+    ctx = _RowContext(fp_model, scorer, calibrate, settings, out_dir, {})
     results: dict[str, Any] = {
         "benchmark": "digits",
         "quick": quick,
         "num_samples": settings.num_samples,
         "sampler": f"ddim-{settings.num_steps}",
-        "noise_floor_fd": noise_floor_fd(classifier, data, seed=seed),
+        "noise_floor_fd": noise_floor,
         "image_size": int(fp_model.config.sample_size),
         "latency_batch": 2 * settings.latency_batch,
         "calibration": {"samples": settings.calibration_samples, "steps": settings.calibration_steps},
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
+        "confidence": {
+            "level": CI_LEVEL,
+            "method": "paired bootstrap",
+            "resamples": settings.bootstrap_resamples,
+        },
+        **machine_info(),
         "rows": [],
     }
     by_name = {row.name: row for row in rows}
     for row in tqdm(rows, desc="demo rows", disable=not progress):
         source = by_name[row.transfer_of] if row.transfer_of else row
         results["rows"].append(evaluate_row(row, source, ctx))
-    results["total_seconds"] = time.perf_counter() - started
+    stages = dict(timer.seconds)
+    for row in results["rows"]:
+        for stage, seconds in row["seconds"].items():
+            stages[f"rows_{stage}"] = stages.get(f"rows_{stage}", 0.0) + seconds
+    results["stage_seconds"] = stages
+    results["total_seconds"] = timer.elapsed()
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2))
     write_report(results, out_dir)
     return results
