@@ -84,10 +84,8 @@ def plot_fd_vs_bits(results: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for row in (r for r in results["rows"] if r.get("sampler", results["sampler"]) == results["sampler"]):
         low, high = row.get("fd_ci") or (row["fd"], row["fd"])
-        ax.errorbar(
-            row["bits_per_weight"], row["fd"], yerr=[[row["fd"] - low], [high - row["fd"]]], fmt="o", ms=5,
-            capsize=2,
-        )  # fmt: skip
+        yerr = [[max(0.0, row["fd"] - low)], [max(0.0, high - row["fd"])]]
+        ax.errorbar(row["bits_per_weight"], row["fd"], yerr=yerr, fmt="o", ms=5, capsize=2)
         ax.annotate(
             row["name"],
             (row["bits_per_weight"], row["fd"]),

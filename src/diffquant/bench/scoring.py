@@ -4,7 +4,8 @@ Every row is sampled from the same seeds and labels as the float row of its samp
 of a row and of its float row share their starting noise and digit. One matrix of bootstrap indices
 is drawn per run and applied to every row and to its float row alike (a paired bootstrap, see
 :mod:`diffquant.eval.bootstrap`): FD, FD / FP, class accuracy and PSNR vs FP are recomputed on each
-resample from features and per-sample scores computed once.
+resample from features and per-sample scores computed once; each interval is shifted by the
+bootstrap estimate of its bias (resampling inflates FD).
 """
 
 from __future__ import annotations
@@ -74,13 +75,16 @@ class RowScorer:
         resampled_fd = self.reference.resampled(feats, self.index)
         fp = self.floats.setdefault(sampler, _FloatScores(samples, fd, resampled_fd))
         correct = (predict(self.classifier, samples) == self.labels).double().numpy()  # (N,)
+        accuracy = class_accuracy(self.classifier, samples, self.labels)
         scores: dict[str, Any] = {
             "fd": fd,
-            "fd_ci": percentile_interval(resampled_fd, CI_LEVEL),
+            "fd_ci": percentile_interval(resampled_fd, CI_LEVEL, point=fd),
             "fd_ratio": fd / fp.fd,
-            "fd_ratio_ci": percentile_interval(resampled_fd / fp.resampled_fd, CI_LEVEL),
-            "class_accuracy": class_accuracy(self.classifier, samples, self.labels),
-            "class_accuracy_ci": percentile_interval(correct[self.index].mean(axis=1), CI_LEVEL),
+            "fd_ratio_ci": percentile_interval(resampled_fd / fp.resampled_fd, CI_LEVEL, point=fd / fp.fd),
+            "class_accuracy": accuracy,
+            "class_accuracy_ci": percentile_interval(
+                correct[self.index].mean(axis=1), CI_LEVEL, point=accuracy
+            ),
             "psnr_vs_fp": None,
             "psnr_vs_fp_ci": None,
         }
@@ -92,7 +96,9 @@ class RowScorer:
             with np.errstate(divide="ignore"):
                 resampled_psnr = 10.0 * np.log10(DATA_RANGE**2 / resampled_mse)
             scores["psnr_vs_fp"] = psnr(samples, fp.samples)
-            scores["psnr_vs_fp_ci"] = percentile_interval(resampled_psnr, CI_LEVEL)
+            scores["psnr_vs_fp_ci"] = percentile_interval(
+                resampled_psnr, CI_LEVEL, point=scores["psnr_vs_fp"]
+            )
         return {k: list(v) if isinstance(v, tuple) else v for k, v in scores.items()}
 
 

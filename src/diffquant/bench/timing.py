@@ -39,15 +39,16 @@ class StageTimer:
         return time.perf_counter() - self.started
 
 
-def machine_info() -> dict[str, object]:
+def machine_info(threads: int | None = None) -> dict[str, object]:
     """The CPU instruction set PyTorch dispatches to (``torch.backends.cpu.get_cpu_capability()``,
-    e.g. ``"AVX2"`` or ``"AVX512"``), usable cores, torch threads, processor and torch version."""
+    e.g. ``"AVX2"`` or ``"AVX512"``), usable cores, torch threads (``threads``, default this
+    process's), processor and torch version, under the key ``"machine"``."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "machine": {
             "isa": torch.backends.cpu.get_cpu_capability(),
             "cores": cores,
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads() if threads is None else threads,
             "processor": platform.processor() or platform.machine(),
             "torch": torch.__version__,
         }
