@@ -48,7 +48,7 @@ def test_quick_demo_from_scratch(tmp_path):
     out = tmp_path / "out"
     results = run_demo(out, quick=True, cache_dir=tmp_path / "cache", progress=False)
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
-    assert results["benchmark"] == "digits" and results["quick"] and results["sampler"] == "ddim-20"
+    assert results["benchmark"] == "digits" and results["quick"] and results["sampler"] == "ddim-10"
     assert [p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()] == ["classifier"]
     assert 0 < results["noise_floor_fd"] < 100
     assert results["machine"]["isa"] == torch.backends.cpu.get_cpu_capability()

@@ -77,3 +77,10 @@ def test_bad_inputs_are_rejected():
         FrechetToReference(torch.randn(20, 4))(torch.randn(20, 5))
     with pytest.raises(ValueError, match="one number per sample"):
         resampled_mean(np.ones((3, 2)), bootstrap_indices(3, 2))
+
+
+def test_point_shifts_the_interval_by_the_bootstrap_bias():
+    values = np.arange(101, dtype=float) + 10.0  # mean 60: a bias of +10 over the point value 50
+    low, high = percentile_interval(values, 0.9, point=50.0)
+    plain = percentile_interval(values, 0.9)
+    assert (low, high) == pytest.approx((plain[0] - 10.0, plain[1] - 10.0))

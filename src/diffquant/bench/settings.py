@@ -43,11 +43,11 @@ class DemoSettings:
     @classmethod
     def for_mode(cls, quick: bool, seed: int = 0) -> DemoSettings:
         """The default full or quick settings."""
-        if quick:  # a smoke run of every row: DDIM-20 (calibrated on DDIM-20 trajectories), 200 samples
+        if quick:  # a smoke run of every row: DDIM-10 (calibrated on DDIM-10 trajectories), 200 samples
             return cls(
                 quick=True,
                 num_samples=200,
-                num_steps=20,
+                num_steps=10,
                 calibration_samples=16,
                 calibration_steps=10,
                 latency_rounds=2,
