@@ -7,6 +7,7 @@ import torch
 from diffquant.bench.demo import _check_rows, row_groups, run_demo
 from diffquant.bench.report import summary_text
 from diffquant.bench.rows import DEMO_ROWS, DemoRow
+from diffquant.bench.settings import DemoSettings
 
 REQUIRED = {
     "name", "weights", "activations", "method", "fd", "fd_ratio", "class_accuracy", "psnr_vs_fp",
@@ -39,6 +40,23 @@ def test_rows_group_with_their_transfer_rows():
 def test_bad_worker_count_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="workers"):
         run_demo(tmp_path, workers=0)
+
+
+def test_rows_do_not_depend_on_the_worker_that_ran_them(tmp_path):
+    """Two worker processes and one in-process runner give the same samples, hence the same scores."""
+    rows = tuple(row for row in DEMO_ROWS if row.name in ("fp32", "w4a16-rtn-g64", "w4a8-qat"))
+    settings = DemoSettings(quick=True, num_samples=70, num_steps=3, latency_batch=2, latency_rounds=1,
+                            bootstrap_resamples=20)  # fmt: skip
+    run = {}
+    for workers in (1, 2):
+        out = tmp_path / str(workers)
+        run[workers] = run_demo(
+            out, rows=rows, settings=settings, cache_dir=tmp_path, workers=workers, progress=False
+        )
+    assert run[2]["workers"] == 2 and run[1]["workers"] == 1
+    for one, two in zip(run[1]["rows"], run[2]["rows"], strict=True):
+        for key in ("fd", "fd_ci", "fd_ratio", "class_accuracy", "psnr_vs_fp", "bits_per_weight"):
+            assert one[key] == two[key], (one["name"], key)
 
 
 @pytest.mark.slow

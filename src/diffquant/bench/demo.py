@@ -77,12 +77,17 @@ def _run_rows(
     context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
     with ProcessPoolExecutor(workers, context, init_worker, (cache_dir, settings, 1)) as pool:
         pending: set[Future] = {pool.submit(run_group_in_worker, group) for group in order}
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                for run in future.result():
-                    runs[run.name] = run
-                    bar.update()
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    for run in future.result():
+                        runs[run.name] = run
+                        bar.update()
+        except BaseException:
+            for future in pending:  # a failed row (or Ctrl-C) stops the run instead of finishing the rest
+                future.cancel()
+            raise
     bar.close()
     return runs
 
@@ -108,7 +113,8 @@ def run_demo(
         rows: the table's rows; the first must be the float model.
         progress: show progress bars.
         workers: parallel worker processes for the rows (default :func:`default_workers`; 1 runs
-            them in this process).
+            them in this process). Workers are spawned, so a script calling ``run_demo`` with more
+            than one needs the usual ``if __name__ == "__main__":`` guard.
         settings: sizes of the run, overriding ``quick`` and ``seed`` (e.g. a smaller test run).
 
     Raises:
