@@ -3,10 +3,12 @@
 Usage: python benchmarks/update_readme.py [out/demo] [out/bench] [out/efficientdm]
 
 Replaces the text between ``<!-- demo-table:start -->`` / ``<!-- demo-table:end -->`` with the table
-of ``out/demo/results.json`` (copying the FD-vs-bits plot and sample grids to docs/assets/), and
-between ``<!-- layer-error:start -->`` / ``<!-- layer-error:end -->`` with the summary of
-``out/bench/ptq_layer_error.json``; likewise the fine-tuning memory, personalization and EfficientDM
-walkthrough tables from ``out/bench/finetune_memory.json``, ``out/bench/personalization.json`` and
+of ``out/demo/results.json`` (copying the FD-vs-bits plot and sample grids to docs/assets/), between
+``<!-- demo-reading:start -->`` / ``<!-- demo-reading:end -->`` with the reading notes written from its
+intervals (:mod:`diffquant.bench.reading`), and between ``<!-- layer-error:start -->`` /
+``<!-- layer-error:end -->`` with the summary of ``out/bench/ptq_layer_error.json``; likewise the
+fine-tuning memory, personalization and EfficientDM walkthrough tables from
+``out/bench/finetune_memory.json``, ``out/bench/personalization.json`` and
 ``out/efficientdm/efficientdm_results.json`` when those exist.
 """
 
@@ -19,11 +21,13 @@ import sys
 from pathlib import Path
 
 from diffquant.bench.efficientdm_walkthrough import markdown_report
+from diffquant.bench.reading import reading_text
 from diffquant.bench.report import markdown_table
 from diffquant.io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- demo-table:start -->", "<!-- demo-table:end -->"
+READING_START, READING_END = "<!-- demo-reading:start -->", "<!-- demo-reading:end -->"
 LAYER_START, LAYER_END = "<!-- layer-error:start -->", "<!-- layer-error:end -->"
 MiB = 2**20
 
@@ -137,18 +141,22 @@ def main(
         shutil.copy(run / row["grid"], assets / row["grid"])
     shutil.copy(run / "results.json", assets / "demo_results.json")
     grids = " ".join(f"[{row['name']}](docs/assets/{row['grid']})" for row in results["rows"])
+    machine = results["machine"]
     block = f"""Full run: {results["num_samples"]} samples per row, {results["sampler"]} with classifier-free guidance,
 {results["image_size"]}×{results["image_size"]} digits;
 noise floor FD (real vs real) **{results["noise_floor_fd"]:.2f}**;
-step latency = one denoiser call on a CFG batch of {results["latency_batch"]} images, {results["threads"]} CPU threads;
-whole run {results["total_seconds"] / 60:.1f} min (FP training included if it was not cached). Raw numbers:
-[docs/assets/demo_results.json](docs/assets/demo_results.json).
+brackets: 95% paired-bootstrap intervals ({results["confidence"]["resamples"]} resamples);
+step latency = one denoiser call on a CFG batch of {results["latency_batch"]} images,
+{machine["threads"]} CPU thread(s); whole run {results["total_seconds"] / 60:.1f} min on {machine["cores"]} cores
+({machine["isa"]}, {results["workers"]} row workers, torch {machine["torch"]}). Raw numbers, with the time of
+every stage: [docs/assets/demo_results.json](docs/assets/demo_results.json).
 
 {markdown_table(results)}
 
 Sample grids: {grids}"""
     readme = ROOT / "README.md"
     text = _replace(readme.read_text(), START, END, block)
+    text = _replace(text, READING_START, READING_END, reading_text(results))
     layer_json = Path(bench_dir) / "ptq_layer_error.json"
     if layer_json.is_file():
         text = _replace(text, LAYER_START, LAYER_END, layer_error_block(layer_json))

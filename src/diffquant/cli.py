@@ -84,13 +84,13 @@ def _load_diffusers_model(path: str, subfolder: str | None):
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from diffquant.bench.demo import run_demo
-    from diffquant.bench.report import markdown_table
+    from diffquant.bench.report import summary_text
 
     results = run_demo(
         args.out, quick=args.quick, seed=args.seed, cache_dir=args.cache_dir, progress=not args.no_progress
     )
-    print(markdown_table(results))
-    print(f"\nnoise floor FD {results['noise_floor_fd']:.2f}; report: {Path(args.out) / 'report.md'}")
+    print(summary_text(results))
+    print(f"report (table with intervals, samples, reading notes): {Path(args.out) / 'report.md'}")
     return 0
 
 

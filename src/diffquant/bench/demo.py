@@ -4,176 +4,92 @@ For each row of :data:`diffquant.bench.rows.DEMO_ROWS` the float digits UNet is 
 sampled with DDIM and classifier-free guidance from the same seeds as the float model, and scored:
 Fréchet distance (FD) of digit-classifier features to real digits, FD ratio to the float model,
 class accuracy of the samples, PSNR against the float model's samples, stored bits per weight,
-model size and CPU latency of one denoising step.
+model size and CPU latency of one denoising step. Quality figures carry 95 % paired-bootstrap
+intervals (:mod:`diffquant.bench.scoring`); ``results.json`` records the machine and the wall time
+of every stage. Rows run in parallel worker processes (:mod:`diffquant.bench.row_runner`).
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import platform
-import time
-from dataclasses import dataclass, replace
+import multiprocessing
+import os
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from diffquant.api import quantize_, weight_bits_per_parameter
-from diffquant.bench.digits.cache import fp_scheduler, load_or_train_classifier, load_or_train_fp_model
-from diffquant.bench.digits.data import NUM_DIGITS, load_digits_dataset
-from diffquant.bench.digits.model import NULL_CLASS
-from diffquant.bench.digits.sampling import sample_digits, save_sample_grid
-from diffquant.bench.recipes import FINETUNE_RECIPES, FinetuneBudget
+from diffquant.bench.digits.cache import load_or_train_classifier, load_or_train_fp_model
+from diffquant.bench.digits.data import load_digits_dataset
+from diffquant.bench.digits.sampling import save_sample_grid
 from diffquant.bench.report import write_report
+from diffquant.bench.row_runner import RowRun, RowRunner, balanced_labels, init_worker, run_group_in_worker
 from diffquant.bench.rows import DEMO_ROWS, DemoRow
-from diffquant.config import CalibrationConfig
-from diffquant.eval.frechet import classifier_features, frechet_distance, noise_floor_fd
-from diffquant.eval.metrics import class_accuracy, psnr
-from diffquant.eval.perf import measure_paired_latency, model_size_bytes
+from diffquant.bench.scoring import CI_LEVEL, RowScorer
+from diffquant.bench.settings import DemoSettings, calibration_fn
+from diffquant.bench.timing import StageTimer, machine_info
+from diffquant.eval.frechet import classifier_features, noise_floor_fd
 from diffquant.io import atomic_write_text
 
-
-@dataclass(frozen=True)
-class DemoSettings:
-    """Sizes of one demo run.
-
-    Attributes:
-        quick: the short run (fewer samples), same rows.
-        num_samples: generated samples per row (balanced over the 10 digits).
-        num_steps: DDIM steps.
-        calibration_samples: samples whose float DDIM trajectories calibrate the quantized rows.
-        calibration_steps: denoising steps of those trajectories kept for calibration (uniformly spread).
-        latency_batch: images per denoising step when timing (the model sees twice as many with CFG).
-        seed: seed of the float model, the classifier and the sampling noise.
-    """
-
-    quick: bool = False
-    num_samples: int = 500
-    num_steps: int = 50
-    calibration_samples: int = 32
-    calibration_steps: int = 25
-    latency_batch: int = 64
-    seed: int = 0
-
-    @classmethod
-    def for_mode(cls, quick: bool, seed: int = 0) -> DemoSettings:
-        """The default full or quick settings."""
-        if quick:
-            return cls(quick=True, num_samples=200, calibration_samples=16, calibration_steps=10, seed=seed)
-        return cls(seed=seed)
+__all__ = ["DemoSettings", "calibration_fn", "default_workers", "run_demo"]
 
 
-def _balanced_labels(n: int) -> torch.Tensor:
-    return torch.arange(n) % NUM_DIGITS  # 0,1,...,9,0,1,... so every digit is requested equally
+def default_workers() -> int:
+    """Worker processes for the rows: the usable CPU cores (at most 4; 1 where there is one core)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores))
 
 
-def calibration_fn(settings: DemoSettings):
-    """A calibrate function that runs the float DDIM trajectories of a few balanced samples."""
-    labels = _balanced_labels(settings.calibration_samples)
-
-    def calibrate(model: nn.Module) -> None:
-        # the float trajectories (quantizers observe, they do not quantize, while calibrating)
-        sample_digits(model, labels, num_steps=settings.num_steps, seed=settings.seed + 1, progress=False)
-
-    return calibrate
+def row_groups(rows: tuple[DemoRow, ...]) -> list[tuple[DemoRow, ...]]:
+    """Each row that builds a model, followed by the transfer rows that re-use it."""
+    groups: dict[str, list[DemoRow]] = {}
+    for row in rows:
+        groups.setdefault(row.transfer_of or row.name, []).append(row)
+    return [tuple(group) for group in groups.values()]
 
 
-def _latency_inputs(model: nn.Module, batch: int) -> dict[str, torch.Tensor]:
-    size = model.config.sample_size
-    channels = model.config.in_channels
-    labels = torch.cat([_balanced_labels(batch), torch.full((batch,), NULL_CLASS)])  # CFG: cond + uncond
-    return {
-        "sample": torch.randn(2 * batch, channels, size, size),
-        "timestep": torch.full((2 * batch,), 500.0),
-        "class_labels": labels,
-    }
-
-
-def make_sampler(name: str):
-    """A fresh diffusers scheduler of kind ``name`` (see :data:`~diffquant.bench.rows.SAMPLERS`)
-    built from the float model's training schedule."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
-    cls = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}[name]
-    return cls.from_config(fp_scheduler().config)
-
-
-@dataclass
-class _RowContext:
-    """What every row is scored against."""
-
-    fp_model: nn.Module
-    classifier: nn.Module
-    real_features: torch.Tensor
-    settings: DemoSettings
-    out_dir: Path
-    models: dict[str, nn.Module]  # quantized models by row name (for transfer rows)
-    fp_samples: dict[str, torch.Tensor]  # float samples by sampler label
-    fp_fd: dict[str, float]  # float FD by sampler label
-
-
-def _quantized_model(row: DemoRow, ctx: _RowContext) -> tuple[nn.Module, float]:
-    if row.transfer_of is not None:
-        return ctx.models[row.transfer_of], 0.0
-    start = time.perf_counter()
-    if row.finetune is not None:
-        budget = FinetuneBudget().scaled(ctx.settings.quick)
-        recipe = FINETUNE_RECIPES[row.finetune]
-        model = recipe(ctx.fp_model, row.config, budget, calibration_fn(ctx.settings))
-        return model, time.perf_counter() - start
-    model = copy.deepcopy(ctx.fp_model)
-    if row.config is not None:
-        config = replace(row.config, calibration=CalibrationConfig(num_steps=ctx.settings.calibration_steps))
-        quantize_(model, config, calibrate=calibration_fn(ctx.settings), schedule=fp_scheduler())
-    return model, time.perf_counter() - start
-
-
-def evaluate_row(row: DemoRow, source: DemoRow, ctx: _RowContext) -> dict[str, Any]:
-    """Quantize a copy of the float model as ``source`` says (or re-use the transferred model),
-    sample it with ``row``'s sampler from the float model's seeds and score it."""
-    model, quantize_seconds = _quantized_model(row, ctx)
-    ctx.models[row.name] = model
-    steps = row.num_steps or ctx.settings.num_steps
-    sampler = f"{row.sampler}-{steps}"
-    labels = _balanced_labels(ctx.settings.num_samples)
-    samples = sample_digits(
-        model,
-        labels,
-        scheduler=make_sampler(row.sampler),
-        num_steps=steps,
-        seed=ctx.settings.seed,
-        progress=False,
-    )
-    save_sample_grid(samples[:100], labels[:100], ctx.out_dir / f"grid_{row.name}.png")
-    fd = frechet_distance(classifier_features(ctx.classifier, samples), ctx.real_features)
-    fp_samples = ctx.fp_samples.setdefault(sampler, samples)
-    fp_fd = ctx.fp_fd.setdefault(sampler, fd)
-    inputs = _latency_inputs(model, ctx.settings.latency_batch)
-    latency_ms, fp_latency_ms = measure_paired_latency(model, ctx.fp_model, inputs, rounds=3, repeats=2)
-    return {
-        "name": row.name,
-        "weights": source.weights_label,
-        "activations": source.activations_label,
-        "method": row.method,
-        "sampler": sampler,
-        "fd": fd,
-        "fd_ratio": fd / fp_fd,  # to the float model under the same sampler
-        "class_accuracy": class_accuracy(ctx.classifier, samples, labels),
-        "psnr_vs_fp": psnr(samples, fp_samples)
-        if fp_samples is not samples
-        else None,  # FP vs itself: undefined
-        "bits_per_weight": weight_bits_per_parameter(model),
-        "size_bytes": model_size_bytes(model),
-        "step_latency_ms": latency_ms,
-        "latency_vs_fp": latency_ms / fp_latency_ms,
-        "calibration_seconds": quantize_seconds,
-        "transfer_of": row.transfer_of,
-        "finetune": source.finetune,
-        "grid": f"grid_{row.name}.png",
-    }
+def _run_rows(
+    rows: tuple[DemoRow, ...], settings: DemoSettings, cache_dir: Any, workers: int, progress: bool
+) -> dict[str, RowRun]:
+    """Every row's :class:`RowRun`, by name; a progress bar over rows with ETA."""
+    groups = row_groups(rows)
+    runs: dict[str, RowRun] = {}
+    bar = tqdm(total=len(rows), desc="demo rows", disable=not progress)
+    if workers == 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in the workers: rows are measured alike whatever the worker count
+        try:
+            runner = RowRunner(
+                load_or_train_fp_model(cache_dir, seed=settings.seed, progress=False), settings
+            )
+            for group in groups:
+                for run in runner.run_group(group):
+                    runs[run.name] = run
+                    bar.update()
+        finally:
+            torch.set_num_threads(threads)
+        bar.close()
+        return runs
+    # the longest groups first (fine-tunes, then models with transfer rows) shorten the parallel run
+    order = sorted(groups, key=lambda g: (g[0].finetune is None, -len(g)))
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+    with ProcessPoolExecutor(workers, context, init_worker, (cache_dir, settings, 1)) as pool:
+        pending: set[Future] = {pool.submit(run_group_in_worker, group) for group in order}
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    for run in future.result():
+                        runs[run.name] = run
+                        bar.update()
+        except BaseException:
+            for future in pending:  # a failed row (or Ctrl-C) stops the run instead of finishing the rest
+                future.cancel()
+            raise
+    bar.close()
+    return runs
 
 
 def run_demo(
@@ -184,45 +100,97 @@ def run_demo(
     cache_dir: str | Path | None = None,
     rows: tuple[DemoRow, ...] = DEMO_ROWS,
     progress: bool = True,
+    workers: int | None = None,
+    settings: DemoSettings | None = None,
 ) -> dict[str, Any]:
     """Run the digits benchmark and write ``results.json``, ``report.md`` and pictures to ``out_dir``.
 
+    Args:
+        out_dir: output folder (created if missing).
+        quick: the short run (:meth:`DemoSettings.for_mode`).
+        seed: seed of the float model, classifier, sampling noise and bootstrap.
+        cache_dir: cache of trained models (default :func:`~diffquant.bench.digits.default_cache_dir`).
+        rows: the table's rows; the first must be the float model.
+        progress: show progress bars.
+        workers: parallel worker processes for the rows (default :func:`default_workers`; 1 runs
+            them in this process). Workers are spawned, so a script calling ``run_demo`` with more
+            than one needs the usual ``if __name__ == "__main__":`` guard.
+        settings: sizes of the run, overriding ``quick`` and ``seed`` (e.g. a smaller test run).
+
     Raises:
         ValueError: if ``out_dir`` is an existing file, the first row is not the float model, a
-            transfer row names no earlier row, or a sampler has no float row to compare with.
+            transfer row names no earlier row, a sampler has no float row to compare with, or
+            ``workers`` is below 1.
+
+    Example:
+        >>> results = run_demo("out/demo", quick=True)  # doctest: +SKIP
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is an existing file; give a directory (it is created if missing).")
     _check_rows(rows)
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    settings = settings or DemoSettings.for_mode(quick, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = DemoSettings.for_mode(quick, seed)
-    started = time.perf_counter()
-    fp_model = load_or_train_fp_model(cache_dir, seed=seed, progress=progress).eval()
-    classifier = load_or_train_classifier(cache_dir, seed=seed).eval()
-    data = load_digits_dataset(fp_model.config.sample_size)
-    ctx = _RowContext(
-        fp_model, classifier, classifier_features(classifier, data.images), settings, out_dir, {}, {}, {}
-    )
+    timer = StageTimer()
+    with timer("float_model"):  # trained here if needed, so the workers only load it
+        fp_model = load_or_train_fp_model(cache_dir, seed=settings.seed, progress=progress).eval()
+    with timer("classifier"):
+        classifier = load_or_train_classifier(cache_dir, seed=settings.seed).eval()
+        data = load_digits_dataset(fp_model.config.sample_size)
+        real_features = classifier_features(classifier, data.images)
+        noise_floor = noise_floor_fd(classifier, data, seed=settings.seed)
+    with timer("rows"):
+        runs = _run_rows(rows, settings, cache_dir, min(workers, len(row_groups(rows))), progress)
+    labels = balanced_labels(settings.num_samples)
+    with timer("score"):
+        scorer = RowScorer(
+            classifier, real_features, labels, resamples=settings.bootstrap_resamples, seed=settings.seed
+        )
+        by_name = {row.name: row for row in rows}
+        table = []
+        for row in rows:  # in table order: each sampler's float row comes first
+            run, source = runs[row.name], by_name[row.transfer_of] if row.transfer_of else row
+            save_sample_grid(run.samples[:100], labels[:100], out_dir / f"grid_{row.name}.png")
+            table.append(
+                {
+                    "name": row.name,
+                    "weights": source.weights_label,
+                    "activations": source.activations_label,
+                    "method": row.method,
+                    **run.measured,
+                    **scorer.score(run.samples, run.measured["sampler"]),
+                    "transfer_of": row.transfer_of,
+                    "finetune": source.finetune,
+                    "grid": f"grid_{row.name}.png",
+                }
+            )
+    stages = dict(timer.seconds)  # wall time; then each row stage summed over rows (and workers)
+    for row in table:
+        for stage, seconds in row["seconds"].items():
+            stages[f"{stage} (sum over rows)"] = stages.get(f"{stage} (sum over rows)", 0.0) + seconds
     results: dict[str, Any] = {
         "benchmark": "digits",
-        "quick": quick,
+        "quick": settings.quick,
         "num_samples": settings.num_samples,
         "sampler": f"ddim-{settings.num_steps}",
-        "noise_floor_fd": noise_floor_fd(classifier, data, seed=seed),
+        "noise_floor_fd": noise_floor,
         "image_size": int(fp_model.config.sample_size),
         "latency_batch": 2 * settings.latency_batch,
         "calibration": {"samples": settings.calibration_samples, "steps": settings.calibration_steps},
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "rows": [],
+        "confidence": {
+            "level": CI_LEVEL,
+            "method": "paired bootstrap",
+            "resamples": settings.bootstrap_resamples,
+        },
+        **machine_info(threads=1),  # every row runs single-threaded (see row_runner)
+        "workers": min(workers, len(row_groups(rows))),
+        "stage_seconds": stages,
+        "total_seconds": timer.elapsed(),
+        "rows": table,
     }
-    by_name = {row.name: row for row in rows}
-    for row in tqdm(rows, desc="demo rows", disable=not progress):
-        source = by_name[row.transfer_of] if row.transfer_of else row
-        results["rows"].append(evaluate_row(row, source, ctx))
-    results["total_seconds"] = time.perf_counter() - started
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2))
     write_report(results, out_dir)
     return results

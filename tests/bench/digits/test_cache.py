@@ -94,3 +94,64 @@ def test_fp_scheduler_matches_training_config():
     sched = cache.fp_scheduler()
     assert sched.config.num_train_timesteps == TrainConfig().num_train_timesteps
     assert sched.config.beta_schedule == TrainConfig().beta_schedule
+
+
+def _package(tmp_path, seed=0):
+    """A packaged copy of the tiny model under tmp_path/assets, as the making script writes it."""
+    model = _fp(tmp_path / "cache", seed)
+    folder = tmp_path / "assets" / f"fp_unet-seed{seed}"
+    model.save_pretrained(folder, safe_serialization=True)
+    key = cache._key("fp_unet", seed, cache._fp_payload(TINY_UNET, TINY_TRAIN))
+    manifest = {"key": key, "seed": seed, "sha256": cache.sha256_file(folder / cache.FP_WEIGHTS)}
+    (folder / cache.PACKAGED_MANIFEST).write_text(json.dumps(manifest))
+    return model, folder
+
+
+def test_packaged_model_is_used_when_its_key_matches(tmp_path, monkeypatch):
+    packaged, folder = _package(tmp_path)
+    monkeypatch.setattr(cache, "PACKAGED_DIR", folder.parent)
+    monkeypatch.setattr(cache, "train_fp_model", _no_training)
+    loaded = _fp(tmp_path / "empty")
+    assert not (tmp_path / "empty").exists()  # nothing trained, nothing cached
+    for a, b in zip(packaged.state_dict().values(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_packaged_model_is_not_used_for_another_recipe(tmp_path, monkeypatch):
+    _, folder = _package(tmp_path)
+    monkeypatch.setattr(cache, "PACKAGED_DIR", folder.parent)
+    cache.load_or_train_fp_model(
+        tmp_path / "other",
+        0,
+        progress=False,
+        unet_config=TINY_UNET,
+        train_config=TrainConfig(steps=2, batch_size=8),
+    )
+    _fp(tmp_path / "seed1", seed=1)
+    assert len(list((tmp_path / "other").iterdir())) == 1 and len(list((tmp_path / "seed1").iterdir())) == 1
+
+
+def test_damaged_packaged_model_fails_its_hash_check(tmp_path, monkeypatch):
+    _, folder = _package(tmp_path)
+    monkeypatch.setattr(cache, "PACKAGED_DIR", folder.parent)
+    weights = folder / cache.FP_WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(OSError, match="SHA-256"):
+        _fp(tmp_path / "empty")
+    assert cache.load_or_train_fp_model(
+        tmp_path / "trained",
+        0,
+        progress=False,
+        unet_config=TINY_UNET,
+        train_config=TINY_TRAIN,
+        use_packaged=False,
+    )
+
+
+def test_shipped_model_matches_the_default_recipe():
+    """The packaged default model is hash-checked and carries today's cache key: a change to UNetConfig,
+    TrainConfig or the data split without rerunning benchmarks/make_digits_fp_model.py fails here."""
+    folder = cache.packaged_fp_model_dir(cache.fp_model_key(0))
+    assert folder is not None, "rerun: python benchmarks/make_digits_fp_model.py --seed 0"

@@ -5,6 +5,12 @@ seed, data split, cache format), under ``$DIFFQUANT_CACHE`` or ``~/.cache/diffqu
 written into a temporary sibling and renamed into place, so a folder that exists is complete; two
 processes racing to train the same artifact both succeed and one copy wins. Everything is stored as
 safetensors + JSON: nothing is unpickled when loading.
+
+The default FP model ships with the package (``bench/digits/assets/``, made by
+``benchmarks/make_digits_fp_model.py``): its manifest records the cache key it was trained under and
+the SHA-256 of its weights. It is used, after checking the hash, whenever the requested seed and
+configs give the same key; any change to the recipe changes the key, and the model is then trained
+and cached as before.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 CACHE_ENV = "DIFFQUANT_CACHE"
+PACKAGED_DIR = Path(__file__).resolve().parent / "assets"
+PACKAGED_MANIFEST = "manifest.json"
+FP_WEIGHTS = "diffusion_pytorch_model.safetensors"
 CLASSIFIER_WEIGHTS = "model.safetensors"
 CLASSIFIER_CONFIG = "config.json"
 TRAINING_INFO = "training.json"
@@ -44,11 +53,61 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "diffquant"
 
 
-def _entry_dir(cache_dir: str | Path | None, kind: str, seed: int, payload: dict) -> Path:
+def _key(kind: str, seed: int, payload: dict) -> str:
     payload = {"kind": kind, "format": CACHE_FORMAT, "seed": seed, **payload}
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _entry_dir(cache_dir: str | Path | None, kind: str, seed: int, payload: dict) -> Path:
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return root / f"{kind}-seed{seed}-{digest}"
+    return root / f"{kind}-seed{seed}-{_key(kind, seed, payload)}"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fp_model_key(
+    seed: int = 0, unet_config: UNetConfig | None = None, train_config: TrainConfig | None = None
+) -> str:
+    """The cache key of the FP model trained with these settings (what a packaged model must match)."""
+    return _key("fp_unet", seed, _fp_payload(unet_config or UNetConfig(), train_config or TrainConfig()))
+
+
+def _fp_payload(unet_config: UNetConfig, train_config: TrainConfig) -> dict:
+    return {
+        "unet": unet_config.to_dict(),
+        "train": train_config.to_dict(),
+        "data": _data_key(unet_config.sample_size),
+    }
+
+
+def packaged_fp_model_dir(key: str, packaged_dir: Path | None = None) -> Path | None:
+    """The packaged FP model folder whose manifest records ``key`` and whose weights match the
+    manifest's SHA-256, or ``None`` if no packaged model has that key.
+
+    Raises:
+        OSError: a packaged model has the key but its weights fail the hash check (a damaged
+            checkout: restore the file from git, or delete the folder to train instead).
+    """
+    root = packaged_dir if packaged_dir is not None else PACKAGED_DIR
+    for manifest_path in sorted(root.glob(f"*/{PACKAGED_MANIFEST}")):
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("key") != key:
+            continue
+        weights = manifest_path.parent / FP_WEIGHTS
+        if not weights.is_file() or sha256_file(weights) != manifest["sha256"]:
+            raise OSError(
+                f"packaged FP model {weights} does not match the SHA-256 in {manifest_path}; restore it "
+                f"(git checkout -- {manifest_path.parent}) or delete that folder to train the model instead"
+            )
+        return manifest_path.parent
+    return None
 
 
 def _write_atomically(final: Path, write: Callable[[Path], None]) -> None:
@@ -88,9 +147,11 @@ def load_or_train_fp_model(
     progress: bool = True,
     unet_config: UNetConfig | None = None,
     train_config: TrainConfig | None = None,
+    use_packaged: bool = True,
 ) -> UNet2DModel:
-    """The FP digits denoiser for ``seed``: loaded from the cache, or trained (~2 min on 2 CPU cores)
-    and cached with ``save_pretrained`` (safetensors).
+    """The FP digits denoiser for ``seed``: the packaged model when its key matches (hash-checked),
+    else loaded from the cache, else trained (minutes on CPU) and cached with ``save_pretrained``
+    (safetensors).
 
     Args:
         cache_dir: cache root (default :func:`default_cache_dir`).
@@ -98,6 +159,11 @@ def load_or_train_fp_model(
         progress: show the training progress bar.
         unet_config: architecture (default :class:`~diffquant.bench.digits.model.UNetConfig`).
         train_config: hyper-parameters (default :class:`~diffquant.bench.digits.train.TrainConfig`).
+        use_packaged: look for a packaged model first (``False``: cache or train, as the script that
+            makes the packaged model does).
+
+    Raises:
+        OSError: the packaged model fails its hash check, or the cached model is unreadable.
 
     Returns:
         The model on CPU in eval mode.
@@ -107,12 +173,9 @@ def load_or_train_fp_model(
     """
     unet_config = unet_config or UNetConfig()
     train_config = train_config or TrainConfig()
-    payload = {
-        "unet": unet_config.to_dict(),
-        "train": train_config.to_dict(),
-        "data": _data_key(unet_config.sample_size),
-    }
-    path = _entry_dir(cache_dir, "fp_unet", seed, payload)
+    payload = _fp_payload(unet_config, train_config)
+    packaged = packaged_fp_model_dir(_key("fp_unet", seed, payload)) if use_packaged else None
+    path = packaged or _entry_dir(cache_dir, "fp_unet", seed, payload)
     if not path.is_dir():
         logger.info("training the FP digits UNet (seed %d); caching it in %s", seed, path)
         start = time.perf_counter()
