@@ -43,12 +43,12 @@ def test_format_1_delta_files_load_with_a_warning(tmp_path):
     loaded = [p for p in fresh.parameters() if p.requires_grad]
     assert all(torch.equal(a, b) for a, b in zip(trained, loaded, strict=True))
     legacy["config"] = json.dumps(
-        {**json.loads(legacy["config"]), "n_bits": 8}
+        {**json.loads(legacy["config"]), "bits": 8}
     )  # format 1: config unchecked,
     save_file(
         tensors, str(tmp_path / "old.safetensors"), metadata=legacy
     )  # but the model must still match it
-    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="n_bits: checkpoint 8, model 4"):
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="bits: checkpoint 8, model 4"):
         load_delta_state(apply_tuneqdm(_mlp(), config), tmp_path / "old.safetensors")
 
 

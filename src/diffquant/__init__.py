@@ -15,7 +15,7 @@ from diffquant.config import ActivationQuantConfig, LayerOverride, QuantConfig, 
 from diffquant.errors import NumericalWarning
 from diffquant.integrations import install_hooks as _install_integration_hooks
 from diffquant.io import CheckpointError, load_quantized, save_quantized
-from diffquant.nn.kernel_dispatch import kernel_report
+from diffquant.nn.kernel_report import kernel_report
 from diffquant.ptq import methods as _ptq_methods  # noqa: F401  (registers the "gptq" and "qronos" weight methods)
 
 _install_integration_hooks()  # diffusers / peft learn about diffquant when (and if) they are imported

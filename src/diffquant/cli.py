@@ -169,7 +169,7 @@ def _kernel_summary(checkpoint: str) -> str:
 
     from diffquant.io import load_quantized
     from diffquant.models.tiny import example_inputs, scheduler_for_tests
-    from diffquant.nn.kernel_dispatch import kernel_report
+    from diffquant.nn.kernel_report import kernel_report
 
     model = load_quantized(checkpoint, schedule=scheduler_for_tests())
     note = ""

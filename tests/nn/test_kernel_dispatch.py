@@ -8,7 +8,7 @@ from diffquant import ActivationQuantConfig, QuantConfig, WeightQuantConfig
 from diffquant.kernels import REFERENCE, CpuIsa, cpu_isa, kernel_mode, set_kernel_mode
 from diffquant.models.tiny import example_inputs, tiny_pixart
 from diffquant.nn import QuantLinear
-from diffquant.nn.kernel_dispatch import kernel_report
+from diffquant.nn.kernel_report import kernel_report
 
 
 def _static_linear(bits: int = 8) -> QuantLinear:

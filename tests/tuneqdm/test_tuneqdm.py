@@ -1,4 +1,3 @@
-
 """TuneQDM (Ryu et al., ECCV 2024): TQ layers, per-sample timestep-aware scales, training, checkpoints."""
 
 import dataclasses

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from diffquant.kernels import REFERENCE, cpu_isa, get_kernel_mode
+from diffquant.kernels import get_kernel_mode
 from diffquant.kernels.w8a8_layer import ConvArgs, W8A8Kernels
 from diffquant.nn.act_quant import ActivationQuantizer
 from diffquant.nn.packed import IntPackedWeight
@@ -120,87 +119,3 @@ def kernel_cache_bytes(model: nn.Module) -> int:
     """Bytes of the prepacked integer weights the kernels hold for ``model``'s layers (beside the
     packed weights in its state dict)."""
     return sum(_KERNELS[m][1].pack_bytes() for m in model.modules() if m in _KERNELS)
-
-
-@dataclass
-class LayerPath:
-    """One quantized layer in a :class:`KernelReport`.
-
-    Attributes:
-        name: module name; kind: ``linear`` / ``conv2d``; paths: path chosen per input shape seen
-            (empty until the layer ran); note: why it is pinned to the reference path, if it is.
-    """
-
-    name: str
-    kind: str
-    paths: dict[str, str] = field(default_factory=dict)
-    note: str = ""
-
-    @property
-    def summary(self) -> str:
-        """The distinct paths taken, or what will happen at the first forward."""
-        if self.note:
-            return REFERENCE
-        if not self.paths:
-            return "not run yet (chosen at first forward)"
-        return ", ".join(sorted(set(self.paths.values())))
-
-
-@dataclass
-class KernelReport:
-    """Which execution path each quantized layer runs, and the machine's ISA.
-
-    Attributes:
-        isa: e.g. ``AVX512+VNNI``; mode: the kernel mode; layers: one :class:`LayerPath` each.
-    """
-
-    isa: str
-    mode: str
-    layers: list[LayerPath]
-
-    def counts(self) -> dict[str, int]:
-        """Number of layers per path summary."""
-        out: dict[str, int] = {}
-        for layer in self.layers:
-            out[layer.summary] = out.get(layer.summary, 0) + 1
-        return out
-
-    def summary(self) -> str:
-        """The ISA, the mode and the number of layers per path (one line each)."""
-        lines = [f"ISA {self.isa}, kernel mode {self.mode!r}; {len(self.layers)} quantized layers"]
-        return "\n".join(lines + [f"  {n:4d} × {path}" for path, n in sorted(self.counts().items())])
-
-    def __str__(self) -> str:
-        lines = [self.summary()]
-        for layer in self.layers:
-            note = f"  ({layer.note})" if layer.note else ""
-            lines.append(f"  {layer.name} [{layer.kind}]: {layer.summary}{note}")
-        return "\n".join(lines)
-
-
-def kernel_report(model: nn.Module) -> KernelReport:
-    """For each quantized layer of ``model``, the path it runs (as chosen so far) and why.
-
-    Paths are chosen at a layer's first inference forward per input shape, so run the model once
-    (e.g. one denoiser call) before reading the report.
-
-    Example:
-        >>> import diffquant
-        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64))
-        >>> diffquant.quantize_(model, diffquant.QuantConfig(weights=diffquant.WeightQuantConfig(bits=8)))
-        >>> print(diffquant.kernel_report(model).layers[0].note)
-        weight-only (no faster CPU kernel than dequantize + float op)
-    """
-    from diffquant.nn.qmodules import is_quantized_layer
-
-    layers = []
-    for name, module in model.named_modules():
-        if not is_quantized_layer(module):
-            continue
-        entry = LayerPath(name, module.kind, note=ineligible_reason(module) or "")
-        cached = _KERNELS.get(module)
-        if cached is not None and not entry.note:
-            used = cached[1].paths_used
-            entry.paths = {f"{shape} {granularity}": path for (shape, granularity), path in used.items()}
-        layers.append(entry)
-    return KernelReport(cpu_isa().name, get_kernel_mode(), layers)

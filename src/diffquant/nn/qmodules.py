@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffquant.config import ActivationQuantConfig, WeightQuantConfig
-from diffquant.nn import kernel_dispatch
 from diffquant.nn.act_quant import ActivationQuantizer, build_activation_quantizer, quantizer_from_meta
+from diffquant.nn.kernel_dispatch import fast_forward
 from diffquant.nn.packed import PackedWeight
 
 
@@ -112,7 +112,7 @@ class QuantLinear(_QuantLayer):
         return {"in_features": self.in_features, "out_features": self.out_features}
 
     def forward(self, x: Tensor) -> Tensor:
-        return kernel_dispatch.fast_forward(self, x, self._reference_forward)
+        return fast_forward(self, x, self._reference_forward)
 
     def _reference_forward(self, x: Tensor) -> Tensor:
         x = self._quantize_input(x)
@@ -182,7 +182,7 @@ class QuantConv2d(_QuantLayer):
         }
 
     def forward(self, x: Tensor) -> Tensor:
-        return kernel_dispatch.fast_forward(self, x, self._reference_forward)
+        return fast_forward(self, x, self._reference_forward)
 
     def _reference_forward(self, x: Tensor) -> Tensor:
         x = self._quantize_input(x)
