@@ -42,9 +42,7 @@ def test_format_1_delta_files_load_with_a_warning(tmp_path):
     trained = [p for p in model.parameters() if p.requires_grad]
     loaded = [p for p in fresh.parameters() if p.requires_grad]
     assert all(torch.equal(a, b) for a, b in zip(trained, loaded, strict=True))
-    legacy["config"] = json.dumps(
-        {**json.loads(legacy["config"]), "bits": 8}
-    )  # format 1: config unchecked,
+    legacy["config"] = json.dumps({**json.loads(legacy["config"]), "bits": 8})  # format 1: config unchecked,
     save_file(
         tensors, str(tmp_path / "old.safetensors"), metadata=legacy
     )  # but the model must still match it
