@@ -71,13 +71,18 @@ def test_seed_002_programmatic_training_and_inference(tmp_path):
         optimizer.step()
 
     # Save
-    save_delta_state(unet, tmp_path / "tuneqdm_state.safetensors", config=config)
+    save_delta_state(unet, tmp_path / "tuneqdm_state.pt", config=config)
 
-    # Programmatic inference; the seed reads the config with torch.load (a pickle): here from the JSON
+    # Programmatic inference
     pipe_unet = tiny_unet2d()
-    config = TuneQDMConfig(**load_delta_config(tmp_path / "tuneqdm_state.safetensors").to_dict())
+    # Load config from checkpoint
+    checkpoint = torch.load(tmp_path / "tuneqdm_state.pt")  # weights_only=True: tensors and plain data
+    config = TuneQDMConfig(**checkpoint["config"])
+    assert config == load_delta_config(tmp_path / "tuneqdm_state.pt")
+
+    # Apply quantization and load weights
     quantize_model(pipe_unet, config)
-    load_delta_state(pipe_unet, tmp_path / "tuneqdm_state.safetensors")
+    load_delta_state(pipe_unet, tmp_path / "tuneqdm_state.pt")
     register_tas_pre_hook(pipe_unet, config.num_experts, num_inference_steps=50)
     inputs = example_inputs(pipe_unet, batch_size=2, timesteps=[980, 20])
     set_timestep(unet, inputs["timestep"])

@@ -104,9 +104,9 @@ def test_activate_trains_in_fp32_and_freeze_requantizes():
 # ---- sampling -----------------------------------------------------------------------------------
 
 
-def test_gamma_larger_than_middle_layers_raises():
-    with pytest.raises(ValueError, match="gamma=7 must be an integer in 0..6"):
-        QLISADiffusion(_mlp(8), gamma=7)
+def test_gamma_larger_than_middle_layers_is_clamped_with_a_warning():
+    with pytest.warns(UserWarning, match="gamma=7 is more than the 6 layers"):
+        assert QLISADiffusion(_mlp(8), gamma=7).sampler.gamma == 6
     with pytest.raises(ValueError, match="gamma"):
         LayerSampler(5, gamma=-1)
     QLISADiffusion(_mlp(8), gamma=6)  # all middle layers: allowed
@@ -359,3 +359,45 @@ def test_short_training_on_tiny_unet_lowers_the_loss():
     after = held_out_loss()
     assert after < 0.7 * before, (before, after)
     assert len(sampled) >= 2 + 2 * 4  # first, last and fresh middle layers in several periods
+
+
+# ---- the seed's usage: register(), insert_hook(), a plain loop without step() ---------------------
+
+
+def test_seed_usage_without_step_resamples_and_matches_a_loop_with_step():
+    def train(call_step: bool):
+        model = _mlp(8)
+        qlisa = QLISADiffusion(model, gamma=1, interval=3, lr=1e-2, seed=4)
+        qlisa.register()
+        qlisa.insert_hook()
+        gen, seen = torch.Generator().manual_seed(0), []
+        for _ in range(12):
+            x = torch.randn(8, 16, generator=gen)
+            (model(x) - x.flip(-1)).pow(2).mean().backward()
+            if call_step:
+                qlisa.step()
+            seen.append(qlisa.active_layers)
+        assert qlisa.global_step == 12
+        return qlisa.finalize().state_dict(), seen
+
+    without, seen_without = train(call_step=False)
+    with_step, seen_with = train(call_step=True)
+    middle = {layers[1] for layers in seen_without}
+    assert len(middle) > 1, "a plain loop trained one fixed set of layers"
+    assert without.keys() == with_step.keys() and all(torch.equal(without[k], with_step[k]) for k in without)
+    # re-sampled at step() (right after backward) or before the next forward: one step apart
+    assert seen_without[1:] == seen_with[:-1]
+
+
+def test_seed_000_minimal_example_clamps_an_explicit_gamma():
+    class SimpleModel(nn.Module):
+        def __init__(self, in_features, out_features):
+            super().__init__()
+            self.linear = nn.Linear(in_features, out_features)
+
+        def forward(self, x):
+            return self.linear(x)
+
+    with pytest.warns(UserWarning, match="gamma=2 is more than the 0 layers"):
+        qlisa = QLISADiffusion(SimpleModel(10, 2), gamma=2)
+    assert qlisa.sampler.gamma == 0 and qlisa.register().active_layers == ("linear",)

@@ -32,6 +32,7 @@ from diffquant.efficientdm import EfficientDMConfig
 from diffquant.finetune import FinetuneConfig, class_conditioning, fit_denoiser, prepare_finetune
 from diffquant.finetune.distill import distill
 from diffquant.finetune.methods import QATFinetuneConfig, QLISAFinetuneConfig, TuneQDMFinetuneConfig
+from diffquant.finetune.resume import TrainingCheckpoints
 from diffquant.tuneqdm import TuneQDMConfig
 
 DIGITS = class_conditioning(torch.arange(NUM_DIGITS))
@@ -93,8 +94,10 @@ class DemoRecipe:
         quant: QuantConfig,
         budget: FinetuneBudget,
         calibrate: Callable[[nn.Module], None],
+        checkpoint: TrainingCheckpoints | None = None,
     ) -> nn.Module:
-        """Fine-tune a copy of ``fp_model`` (left untouched) and return the deployable model."""
+        """Fine-tune a copy of ``fp_model`` (left untouched) and return the deployable model;
+        ``checkpoint``: training checkpoints and resuming (bit-identical to an uninterrupted run)."""
         scheduler = fp_scheduler()
         setup = prepare_finetune(
             copy.deepcopy(fp_model).eval(),
@@ -113,6 +116,8 @@ class DemoRecipe:
                 unconditional=UNCONDITIONAL,
                 lr_scheduler=setup.lr_scheduler,
                 progress=False,
+                checkpoint=checkpoint,
+                method_state=setup.method_state,
                 **self.distill_options,
             )
         else:
@@ -130,6 +135,8 @@ class DemoRecipe:
                 lr_scheduler=setup.lr_scheduler,
                 after_step=setup.after_step,
                 progress=False,
+                checkpoint=checkpoint,
+                method_state=setup.method_state,
             )
         return setup.inference_model()
 

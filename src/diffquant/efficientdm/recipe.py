@@ -44,6 +44,7 @@ from diffquant.finetune.common import fit_denoiser
 from diffquant.finetune.conditioning import Conditioning
 from diffquant.finetune.distill import distill
 from diffquant.finetune.registry import FinetuneConfig, FinetuneSetup
+from diffquant.finetune.resume import TrainingCheckpoints
 from diffquant.models import get_arch_spec
 from diffquant.nn.qmodules import quant_layer_class
 
@@ -322,6 +323,7 @@ def train_setup(
     unconditional: Conditioning | None = None,
     train_data: tuple[Tensor, Conditioning | None] | None = None,
     progress: bool = True,
+    checkpoint: TrainingCheckpoints | None = None,
 ) -> list[float]:
     """Run ``config.iterations`` steps of distillation from ``teacher`` (``config.distill``) or of the
     denoising loss on ``train_data``; returns the losses. Arguments as :func:`finetune_ptq_model`."""
@@ -342,6 +344,7 @@ def train_setup(
             seed=config.seed,
             progress=progress,
             desc=f"EfficientDM {config.label} distill",
+            checkpoint=checkpoint,
         )
     if train_data is None:
         raise ValueError(
@@ -363,6 +366,7 @@ def train_setup(
         seed=config.seed,
         progress=progress,
         desc=f"EfficientDM {config.label} denoise",
+        checkpoint=checkpoint,
     )
 
 
@@ -376,6 +380,7 @@ def finetune_ptq_model(
     unconditional: Conditioning | None = None,
     train_data: tuple[Tensor, Conditioning | None] | None = None,
     progress: bool = True,
+    checkpoint: TrainingCheckpoints | None = None,
 ) -> EfficientDMReport:
     """Fine-tune a PTQ model in place with QALoRA (+ the switches of ``config``) and merge it.
 
@@ -392,6 +397,8 @@ def finetune_ptq_model(
             the denoising loss's dropout replacement (``None``: no guidance, no dropout).
         train_data: ``(images, conditioning per image)`` for the denoising loss (``config.distill=False``).
         progress: progress bar.
+        checkpoint: training checkpoints every N steps and resuming
+            (:class:`~diffquant.finetune.resume.TrainingCheckpoints`; the resumed run is bit-identical).
 
     Returns:
         The report (also attached as ``model.efficientdm_report``).
@@ -420,6 +427,7 @@ def finetune_ptq_model(
         unconditional=unconditional,
         train_data=train_data,
         progress=progress,
+        checkpoint=checkpoint,
     )
     setup.inference_model()
     report.finetune_seconds = time.perf_counter() - start
@@ -437,6 +445,7 @@ def efficientdm_finetune(
     unconditional: Conditioning | None = None,
     train_data: tuple[Tensor, Conditioning | None] | None = None,
     progress: bool = True,
+    checkpoint: TrainingCheckpoints | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """EfficientDM on a float denoiser: PTQ start, QALoRA fine-tune, merge. ``fp_model`` is untouched.
@@ -450,6 +459,8 @@ def efficientdm_finetune(
             tables.
         conditioning, unconditional, train_data: the data, see :func:`finetune_ptq_model`.
         progress: progress bars.
+        checkpoint: training checkpoints and resuming of the fine-tune (see :func:`finetune_ptq_model`;
+            the PTQ start is re-made, deterministically, on resume).
 
     Returns:
         The merged quantized model (plain ``QuantLinear`` / ``QuantConv2d`` layers, savable with
@@ -489,6 +500,7 @@ def efficientdm_finetune(
         unconditional=unconditional,
         train_data=train_data,
         progress=progress,
+        checkpoint=checkpoint,
     )
     report.ptq_seconds = ptq_seconds
     return model

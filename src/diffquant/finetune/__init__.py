@@ -5,6 +5,8 @@
 - :mod:`~diffquant.finetune.objectives`: the training target from the scheduler (ε, v, x₀, flow matching);
 - :mod:`~diffquant.finetune.common`: :func:`denoising_loss` and the loop :func:`fit_denoiser`;
 - :mod:`~diffquant.finetune.distill`: data-free distillation from a float teacher;
+- :mod:`~diffquant.finetune.resume`: training checkpoints every N steps and bit-identical resuming
+  (:class:`TrainingCheckpoints`, the ``checkpoint=`` argument of both loops);
 - :mod:`~diffquant.finetune.registry` + :mod:`~diffquant.finetune.methods`: every method
   (``fp-full``, ``lora``, ``tuneqdm``, ``qalora``, ``efficientdm``, ``qlisa``, ``qat``) as a config and
   :func:`prepare_finetune`.
@@ -27,11 +29,13 @@ from diffquant.finetune.registry import (
     prepare_finetune,
     register_finetune_method,
 )
+from diffquant.finetune.resume import TrainingCheckpoints
 
 __all__ = [
     "Conditioning",
     "FinetuneConfig",
     "FinetuneSetup",
+    "TrainingCheckpoints",
     "class_conditioning",
     "denoising_loss",
     "finetune_config",

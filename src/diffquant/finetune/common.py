@@ -18,6 +18,13 @@ from diffquant.finetune.conditioning import (
     select_conditioning,
 )
 from diffquant.finetune.objectives import noisy_batch
+from diffquant.finetune.resume import (
+    RunCheckpointer,
+    Stateful,
+    TrainingCheckpoints,
+    data_fingerprint,
+    resume_loop,
+)
 from diffquant.models import get_arch_spec
 
 
@@ -110,6 +117,8 @@ def fit_denoiser(
     seed: int = 0,
     progress: bool = True,
     desc: str = "fine-tune",
+    checkpoint: TrainingCheckpoints | None = None,
+    method_state: Stateful | None = None,
 ) -> list[float]:
     """Train a denoiser on ``images`` with their ``conditioning`` and :func:`denoising_loss`.
 
@@ -134,13 +143,22 @@ def fit_denoiser(
         after_step: called after every step (e.g. QLISA's layer re-sampling).
         seed: seeds batches, dropout, timesteps and noise.
         progress: show a progress bar; desc: its label.
+        checkpoint: write a training checkpoint every ``checkpoint.every`` steps and resume from one
+            (:class:`~diffquant.finetune.resume.TrainingCheckpoints`): model training tensors, optimizer,
+            ``lr_scheduler``, ``method_state``, the generator and the global RNGs. A resumed run ends
+            with the same tensors and losses, bit for bit, as an uninterrupted one.
+        method_state: state of the method kept outside the model and ``optimizer``
+            (:attr:`FinetuneSetup.method_state <diffquant.finetune.registry.FinetuneSetup>`, e.g. QLISA's),
+            saved in the checkpoints.
 
     Returns:
-        The loss of every step.
+        The loss of every step (of the whole run when resumed).
 
     Raises:
         ValueError: non-positive steps / batch size, ``cond_dropout`` without ``unconditional``,
             conditioning rows that do not match the images, or nothing to train.
+        CheckpointError: the checkpoint to resume is damaged, lies beyond ``steps``, or was written by a
+            run with other settings, data, model or optimizer (nothing is changed then).
 
     Example:
         >>> losses = fit_denoiser(unet, opt, latents, {"encoder_hidden_states": states}, DDPMScheduler(),
@@ -166,10 +184,21 @@ def fit_denoiser(
         require_trainable(model)
     device = module_device(model)
     gen = torch.Generator().manual_seed(seed)
+    settings = {}
+    if checkpoint is not None:
+        settings = {
+            "loop": "fit_denoiser",
+            "batch_size": batch_size,
+            "cond_dropout": cond_dropout,
+            "seed": seed,
+            "scheduler": dict(scheduler.config) if hasattr(scheduler, "config") else type(scheduler).__name__,
+            "data": data_fingerprint(images, conditioning, unconditional),
+        }
+    run = RunCheckpointer(checkpoint, model, optimizer, lr_scheduler, method_state, settings)
+    start, losses, _ = resume_loop(run, gen, steps)
     model.train()
-    losses: list[float] = []
 
-    for _ in tqdm(range(steps), desc=desc, disable=not progress):
+    for step in tqdm(range(start, steps), desc=desc, disable=not progress, initial=start, total=steps):
         idx = torch.randint(0, images.shape[0], (batch_size,), generator=gen)
         cond = index_conditioning(conditioning, idx)
         if cond_dropout > 0:
@@ -188,5 +217,6 @@ def fit_denoiser(
         if after_step is not None:
             after_step()
         losses.append(loss.item())
+        run.save_if_due(step + 1, {"losses": losses, "generator": gen.get_state()})
     model.eval()
     return losses

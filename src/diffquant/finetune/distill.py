@@ -37,12 +37,19 @@ from diffquant.finetune.conditioning import (
     index_conditioning,
 )
 from diffquant.finetune.objectives import FLOW_MATCHING, min_snr_weight, prediction_type
+from diffquant.finetune.resume import (
+    RunCheckpointer,
+    Stateful,
+    TrainingCheckpoints,
+    data_fingerprint,
+    resume_loop,
+)
 
 
 def distill(
     student: nn.Module,
     teacher: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     *,
     scheduler,
     iterations: int,
@@ -57,6 +64,8 @@ def distill(
     progress: bool = True,
     desc: str = "distill",
     snr_gamma: float | None = None,
+    checkpoint: TrainingCheckpoints | None = None,
+    method_state: Stateful | None = None,
 ) -> list[float]:
     """Train ``student`` to reproduce ``teacher``'s output on the teacher's sampling trajectories.
 
@@ -68,7 +77,8 @@ def distill(
     Args:
         student: the model to train (its trainable parameters are what ``optimizer`` steps).
         teacher: the float model; run without gradients, never modified.
-        optimizer: stepped once per sampling step.
+        optimizer: stepped once per sampling step (``None``: the method steps its parameters inside
+            backward, e.g. QLISA's hooks).
         scheduler: the training scheduler; its config builds the trajectories' sampler (DDIM, or
             flow-matching Euler for a flow-matching scheduler) and says what the models predict.
         iterations: optimizer steps in total; trajectories restart from fresh noise when one ends.
@@ -86,14 +96,22 @@ def distill(
         seed: seeds the noise and the conditioning draws.
         progress: show a progress bar; desc: its label.
         snr_gamma: weight each sample's error by min-SNR-γ (``None``: the plain MSE of EfficientDM).
+        checkpoint: write a training checkpoint every ``checkpoint.every`` optimizer steps and resume
+            from one (:class:`~diffquant.finetune.resume.TrainingCheckpoints`): the student's training
+            tensors, optimizer, ``lr_scheduler``, ``method_state``, the generator, the global RNGs and
+            the trajectory in progress. A resumed run ends with the same tensors and losses, bit for
+            bit, as an uninterrupted one.
+        method_state: state of the method kept outside the model and ``optimizer``, saved with it.
 
     Returns:
-        The (weighted) loss of every optimizer step.
+        The (weighted) loss of every optimizer step (of the whole run when resumed).
 
     Raises:
         ValueError: the student has nothing to train; a non-positive count; a negative guidance scale;
             guidance without ``unconditional``; an empty ``conditioning``; ``snr_gamma`` on a flow model;
             a sample shape that cannot be read from the teacher.
+        CheckpointError: the checkpoint to resume is damaged, lies beyond ``iterations``, or was
+            written by a run with other settings, teacher, student or optimizer (nothing is changed then).
 
     Example:
         >>> losses = distill(quantized, fp_model, torch.optim.Adam(quantized.parameters(), 1e-4),
@@ -128,23 +146,46 @@ def distill(
     device, dtype = param.device, param.dtype
     shape = tuple(sample_shape) if sample_shape is not None else _sample_shape(teacher)
     gen = torch.Generator().manual_seed(seed)
+    settings = {}
+    if checkpoint is not None:
+        settings = {
+            "loop": "distill",
+            "batch_size": batch_size,
+            "num_sampling_steps": num_sampling_steps,
+            "guidance_scale": guidance_scale,
+            "sample_shape": list(shape),
+            "seed": seed,
+            "snr_gamma": snr_gamma,
+            "scheduler": dict(scheduler.config),
+            "data": data_fingerprint(conditioning, unconditional),
+            "teacher": data_fingerprint(teacher.state_dict()),
+        }
+    run = RunCheckpointer(checkpoint, student, optimizer, lr_scheduler, method_state, settings)
+    start, losses, loop = resume_loop(run, gen, iterations)
+    trajectory = loop.get("trajectory")  # (x, rows, position) of a trajectory in progress, or None
     teacher.eval()
     student.train()
-    losses: list[float] = []
-    bar = tqdm(total=iterations, desc=desc, disable=not progress)
+    bar = tqdm(total=iterations, desc=desc, disable=not progress, initial=start)
     while len(losses) < iterations:
         sampler = _sampler(scheduler, kind)
         sampler.set_timesteps(num_sampling_steps, device=device)
-        x = torch.randn((batch_size, *shape), generator=gen).to(device) * getattr(
-            sampler, "init_noise_sigma", 1.0
-        )
-        cond = conditioning
-        if pool is not None:
-            cond = index_conditioning(conditioning, torch.randint(0, pool, (batch_size,), generator=gen))
+        if trajectory is None:
+            x = torch.randn((batch_size, *shape), generator=gen).to(device) * getattr(
+                sampler, "init_noise_sigma", 1.0
+            )
+            rows = torch.randint(0, pool, (batch_size,), generator=gen) if pool is not None else None
+            first = 0
+        else:
+            x, rows, first = trajectory["x"].to(device), trajectory["rows"], trajectory["position"]
+            if hasattr(sampler, "set_begin_index"):  # flow-matching Euler counts its steps
+                sampler.set_begin_index(first)
+            trajectory = None
+        cond = conditioning if rows is None else index_conditioning(conditioning, rows)
         if use_cfg:
             cond = concat_conditioning(cond, expand_conditioning(unconditional, batch_size))  # [cond, uncond]
         cond = conditioning_to(cond, device, dtype)
-        for t in sampler.timesteps:
+        for position in range(first, len(sampler.timesteps)):
+            t = sampler.timesteps[position]
             x_in = torch.cat([x, x]) if use_cfg else x
             if kind != FLOW_MATCHING:
                 x_in = sampler.scale_model_input(x_in, t)
@@ -159,19 +200,32 @@ def distill(
                     float(sampler.alphas_cumprod[int(t)]), snr_gamma, kind
                 )
             loss = per_sample.mean()
-            optimizer.zero_grad(set_to_none=True)
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            if lr_scheduler is not None:
-                lr_scheduler.step()
+            if optimizer is not None:
+                optimizer.step()
+                if lr_scheduler is not None:
+                    lr_scheduler.step()
             losses.append(loss.item())
             bar.update()
-            if len(losses) == iterations:
+            if len(losses) == iterations and not run.due(len(losses)):
                 break
             if use_cfg:
                 out_c, out_u = out_teacher.chunk(2)
                 out_teacher = out_u + guidance_scale * (out_c - out_u)
             x = sampler.step(out_teacher, t, x, return_dict=False)[0]
+            going_on = position + 1 < len(sampler.timesteps)
+            run.save_if_due(
+                len(losses),
+                {
+                    "losses": losses,
+                    "generator": gen.get_state(),
+                    "trajectory": {"x": x, "rows": rows, "position": position + 1} if going_on else None,
+                },
+            )
+            if len(losses) == iterations:
+                break
     bar.close()
     student.eval()
     return losses

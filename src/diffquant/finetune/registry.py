@@ -85,6 +85,10 @@ class FinetuneSetup:
         after_step: call after every training step, when given.
         finalize: returns the deployable model (e.g. merged and re-quantized); ``None``: the model itself.
         state_bytes: bytes of optimizer state held by a method that steps its own parameters.
+        method_state: the method's own training state (``state_dict()`` / ``load_state_dict()``) kept
+            outside the model and ``optimizer``, e.g. QLISA's sampled layers and per-parameter optimizers;
+            pass it to :func:`~diffquant.finetune.fit_denoiser` / ``distill`` (``method_state=``) so that
+            training checkpoints hold it. ``None``: there is none.
     """
 
     model: nn.Module
@@ -93,6 +97,7 @@ class FinetuneSetup:
     after_step: Callable[[], None] | None = None
     finalize: Callable[[], nn.Module] | None = None
     state_bytes: Callable[[], int] | None = None
+    method_state: Any = None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters that require gradients now."""

@@ -21,6 +21,7 @@ from diffquant.config import QuantConfig, WeightQuantConfig
 from diffquant.finetune.common import fit_denoiser
 from diffquant.finetune.conditioning import Conditioning
 from diffquant.finetune.registry import finetune_config, prepare_finetune
+from diffquant.finetune.resume import TrainingCheckpoints
 from diffquant.layer_swap import replace_layers
 from diffquant.nn.qmodules import is_quantized_layer
 from diffquant.qat.modules import is_qat_layer, qat_layer_class
@@ -185,6 +186,7 @@ def qat_finetune(
     progress: bool = True,
     weight_range: str = "lsq",
     act_range: str = "lsq",
+    checkpoint: TrainingCheckpoints | None = None,
 ) -> nn.Module:
     """Quantization-aware fine-tuning of a denoiser: prepare, train, convert (in place).
 
@@ -205,6 +207,8 @@ def qat_finetune(
         steps, batch_size, lr, seed: optimisation settings (``lr`` is the peak learning rate).
         progress: show a progress bar.
         weight_range, act_range: see :func:`prepare_qat`; learned (LSQ) ranges by default.
+        checkpoint: training checkpoints every N steps and resuming
+            (:class:`~diffquant.finetune.resume.TrainingCheckpoints`; the resumed run is bit-identical).
 
     Returns:
         ``model``, converted (QuantLinear / QuantConv2d layers, eval mode).
@@ -232,5 +236,6 @@ def qat_finetune(
         seed=seed,
         progress=progress,
         desc="QAT",
+        checkpoint=checkpoint,
     )
     return setup.inference_model()

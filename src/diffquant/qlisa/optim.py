@@ -10,6 +10,9 @@ optimizer step into the backward pass"; LOMO, Lv et al. 2023).
 Parameters are attached when their layer is sampled and detached when it is frozen: detaching removes
 the hook and deletes the optimizer and scheduler with their state, so memory follows the active set.
 One backward = one step: gradient accumulation over several backwards is not possible in this scheme.
+An ``after_backward`` callback runs once at the end of every backward in which an attached parameter
+stepped (queued on the autograd engine by the first hook that fires), so the optimizer steps can be
+counted without the training loop's help.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class OptimizerInBackward:
         optimizer: factory of one parameter's optimizer.
         lr_scheduler: factory of that optimizer's scheduler (default constant).
         max_grad_norm: clip each parameter's gradient to this L2 norm before its step (``None``: no clipping).
+        after_backward: called once at the end of each backward that stepped a parameter (``None``: nothing).
 
     A scheduler created at global step ``s`` (see :meth:`attach`) is first advanced ``s`` times, so a
     schedule over the whole run (warm-up, cosine decay) holds for layers sampled late too; that costs
@@ -74,13 +78,16 @@ class OptimizerInBackward:
         optimizer: OptimizerFactory,
         lr_scheduler: SchedulerFactory | None = None,
         max_grad_norm: float | None = None,
+        after_backward: Callable[[], None] | None = None,
     ):
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive or None (no clipping), got {max_grad_norm}.")
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler or constant_schedule
         self.max_grad_norm = max_grad_norm
+        self.after_backward = after_backward
         self._slots: dict[nn.Parameter, _Slot] = {}
+        self._queued = False
 
     def attach(self, param: nn.Parameter, global_step: int = 0) -> None:
         """Give ``param`` its optimizer, scheduler (advanced to ``global_step``) and hook; no-op if attached.
@@ -115,6 +122,17 @@ class OptimizerInBackward:
         slot.optimizer.step()
         slot.scheduler.step()
         param.grad = None
+        if self.after_backward is not None and not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+
+    def _backward_done(self) -> None:
+        self._queued = False
+        self.after_backward()
+
+    def reset_backward(self) -> None:
+        """Forget a callback queued by a backward that failed before it ended (call before a forward)."""
+        self._queued = False
 
     def __contains__(self, param: object) -> bool:
         return param in self._slots

@@ -9,12 +9,15 @@ the model is a sampling layer, in module order.
 Three defects of the reference implementation are avoided (each is tested): hooks are installed on
 every layer when it is sampled, not only on the layers active at the start; a re-frozen layer's hook,
 optimizer and scheduler are deleted with their state; there is no optimizer built once from the initial
-``requires_grad`` set.
+``requires_grad`` set. And, as LISA intends, the layers are re-sampled every ``interval`` optimizer steps
+even when the training loop never calls :meth:`QLISADiffusion.step`: the hooks count the steps.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,13 +37,17 @@ class QLISADiffusion:
 
     Lifecycle: ``register()`` (convert layers to NF4, draw the first active set) → ``insert_hook()``
     (optimizer-in-backward hooks) → per training step: forward, ``loss.backward()`` (the hooks step the
-    active parameters), ``step()`` → ``finalize()`` (inference model for :func:`diffquant.save_quantized`).
+    active parameters and count the step) → ``finalize()`` (inference model for
+    :func:`diffquant.save_quantized`). Every ``interval`` counted steps the active layers are re-sampled,
+    before the next forward (or at :meth:`step`, which a loop may call after each backward, or at
+    :meth:`finalize`): a loop that calls ``step()`` and one that does not train the same layers, bit for
+    bit. ``state_dict()`` / ``load_state_dict()`` save and restore all of it (resumable training).
 
     Args:
         model: the denoiser; its Linear/Conv2d layers are replaced by QLISA layers, every other
             parameter (norms, embeddings) is frozen and kept as it is.
-        gamma: middle layers trained per period besides the first and last (default: LMFlow's 2, or
-            every middle layer of a model with fewer).
+        gamma: middle layers trained per period besides the first and last (default: LMFlow's 2);
+            clamped, with a warning, to the number of middle layers of a model that has fewer.
         interval: steps between re-samplings, K (LMFlow default 20).
         lr: learning rate of the default optimizer (AdamW, no weight decay); ignored when ``optimizer``
             is given.
@@ -61,14 +68,15 @@ class QLISADiffusion:
     Raises:
         ValueError: no Linear/Conv2d layer selected ("nothing to train"), a model that is already
             quantized, a bare Linear/Conv2d instead of a model, a Conv2d with a padding mode other than
-            ``"zeros"``, ``interval < 1``, or ``gamma`` above the number of middle layers.
+            ``"zeros"``, ``interval < 1``, or a negative ``gamma``.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
         >>> qlisa = QLISADiffusion(model, gamma=1, interval=5, lr=1e-3).register().insert_hook()
         >>> for _ in range(10):
-        ...     model(torch.randn(4, 8)).pow(2).mean().backward()
-        ...     qlisa.step()
+        ...     model(torch.randn(4, 8)).pow(2).mean().backward()  # steps, counts; re-samples every 5
+        >>> qlisa.global_step
+        10
         >>> model = qlisa.finalize()  # QuantLinear layers with NF4 weights
     """
 
@@ -115,15 +123,28 @@ class QLISADiffusion:
                     f"layer {name!r} is a Conv2d with padding_mode={module.padding_mode!r}; QLISA supports "
                     f"'zeros' only. Keep it frozen in full precision with exclude=[{name!r}]."
                 )
+        num_middle = max(len(self.layer_names) - 2, 0)
         if gamma is None:
-            gamma = min(DEFAULT_GAMMA, max(len(self.layer_names) - 2, 0))
+            gamma = min(DEFAULT_GAMMA, num_middle)
+        elif isinstance(gamma, int) and not isinstance(gamma, bool) and gamma > num_middle:
+            warnings.warn(
+                f"gamma={gamma} is more than the {num_middle} layers between the always-trained first and "
+                f"last of the {len(self.layer_names)} selected; training all of them (gamma={num_middle}).",
+                stacklevel=2,
+            )
+            gamma = num_middle
         self.sampler = LayerSampler(len(self.layer_names), gamma, seed)
-        self.optimizers = OptimizerInBackward(optimizer or adamw_factory(lr), lr_scheduler, max_grad_norm)
+        self.optimizers = OptimizerInBackward(
+            optimizer or adamw_factory(lr), lr_scheduler, max_grad_norm, after_backward=self._count_step
+        )
         self.global_step = 0
         self._layers: dict[str, QLISALayer] = {}
         self._active: tuple[int, ...] = ()
         self._hooked = False
         self._finalized = False
+        self._uncounted_by_step = 0  # steps the hooks counted since the last step() call
+        self._resample_due = False
+        self._forward_hook = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -162,16 +183,22 @@ class QLISADiffusion:
             raise RuntimeError(
                 "call QLISADiffusion.register() before insert_hook(): there are no layers yet."
             )
+        if not self._hooked:
+            self._forward_hook = self.model.register_forward_pre_hook(self._before_forward)
         self._hooked = True
         for index in self._active:
             self._attach(self._layers[self.layer_names[index]])
         return self
 
     def step(self) -> None:
-        """Count one training step (call it once per step, after ``loss.backward()``); every
-        ``interval`` steps, re-sample the active layers: layers leaving the set are re-quantized to NF4
-        and lose their optimizer state, layers entering it are dequantized and get fresh optimizers.
-        Layers in both sets (always the first and last) keep training undisturbed.
+        """Optional: apply now what the hooks counted (call it after ``loss.backward()``). Every
+        ``interval`` optimizer steps the active layers are re-sampled: layers leaving the set are
+        re-quantized to NF4 and lose their optimizer state, layers entering it are dequantized and get
+        fresh optimizers; layers in both sets (always the first and last) keep training undisturbed.
+
+        The hooks count each backward that stepped a parameter, and a due re-sampling happens before the
+        next forward anyway; ``step()`` only makes it happen now. Called when no backward was counted
+        since the last call, it counts one step itself.
 
         Raises:
             RuntimeError: before :meth:`insert_hook` (nothing would be updated) or after :meth:`finalize`.
@@ -182,9 +209,10 @@ class QLISADiffusion:
                 "call QLISADiffusion.register() and insert_hook() before training: without the hooks, "
                 "backward computes gradients that no optimizer applies."
             )
-        self.global_step += 1
-        if self.global_step % self.interval == 0:
-            self._resample()
+        if not self._uncounted_by_step:
+            self._count_step()
+        self._uncounted_by_step = 0
+        self._apply_due_resample()
 
     def finalize(self) -> nn.Module:
         """Freeze every layer (NF4), remove all hooks and optimizers, and replace the QLISA layers by
@@ -198,6 +226,9 @@ class QLISADiffusion:
         self._check_not_finalized("finalize")
         if not self._layers:
             raise RuntimeError("call QLISADiffusion.register() (and train) before finalize().")
+        self._apply_due_resample()
+        if self._forward_hook is not None:
+            self._forward_hook.remove()
         self._deactivate(self._active)
         for name, layer in self._layers.items():
             self.model.set_submodule(name, layer.to_quant_layer())
@@ -234,7 +265,93 @@ class QLISADiffusion:
             if p in self.optimizers
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything training changes: step counters, the sampler's generator, the active set, every
+        layer's tensors (NF4 codes of frozen layers, float weights of active ones, biases) and each
+        active parameter's optimizer and scheduler state (tensors and plain data, for
+        :mod:`diffquant.finetune.resume`).
+
+        Raises:
+            RuntimeError: before :meth:`register` or after :meth:`finalize`.
+        """
+        self._check_not_finalized("state_dict")
+        if not self._layers:
+            raise RuntimeError("call QLISADiffusion.register() before state_dict().")
+        return {
+            "settings": self._settings(),
+            "global_step": self.global_step,
+            "uncounted_by_step": self._uncounted_by_step,
+            "resample_due": self._resample_due,
+            "sampler": self.sampler.generator.get_state(),
+            "active": list(self.active_layers),
+            "layers": {name: dict(layer.state_dict()) for name, layer in self._layers.items()},
+            "optimizers": {
+                name: {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": self.optimizers.scheduler_of(self._parameter(name)).state_dict(),
+                }
+                for name, optimizer in self.named_optimizers().items()
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` into a QLISA set up the same way (``register()`` and, when the
+        state has optimizers, ``insert_hook()`` called).
+
+        Raises:
+            ValueError: a state of another model or other settings (layers, gamma, interval), or of
+                layers with other shapes.
+            RuntimeError: before :meth:`register` or after :meth:`finalize`.
+        """
+        self._check_not_finalized("load_state_dict")
+        if not self._layers:
+            raise RuntimeError("call QLISADiffusion.register() (and insert_hook()) before load_state_dict().")
+        if state["settings"] != self._settings():
+            raise ValueError(
+                f"the QLISA state is of other settings {state['settings']}; this QLISA has {self._settings()}."
+            )
+        self.global_step = int(state["global_step"])
+        self._uncounted_by_step = int(state["uncounted_by_step"])
+        self._resample_due = bool(state["resample_due"])
+        self.sampler.generator.set_state(state["sampler"])
+        wanted = {self.layer_names.index(name) for name in state["active"]}
+        self._deactivate([i for i in self._active if i not in wanted])
+        self._activate(sorted(wanted - set(self._active)))
+        for name, layer in self._layers.items():
+            layer.load_state_dict(state["layers"][name])
+        if set(state["optimizers"]) != set(self.named_optimizers()):
+            raise ValueError(
+                "the QLISA state's optimizers do not match its active layers; call insert_hook()."
+            )
+        for name, saved in state["optimizers"].items():
+            param = self._parameter(name)
+            self.optimizers.optimizer_of(param).load_state_dict(saved["optimizer"])
+            self.optimizers.scheduler_of(param).load_state_dict(saved["scheduler"])
+
     # ---- internals -------------------------------------------------------------------------------
+
+    def _settings(self) -> dict[str, Any]:
+        return {"layers": list(self.layer_names), "gamma": self.sampler.gamma, "interval": self.interval}
+
+    def _parameter(self, name: str) -> nn.Parameter:
+        layer, attr = name.rsplit(".", 1)
+        return getattr(self._layers[layer], attr)
+
+    def _count_step(self) -> None:
+        """One optimizer step done (the hooks call this at the end of each backward)."""
+        self.global_step += 1
+        self._uncounted_by_step += 1
+        if self.global_step % self.interval == 0:
+            self._resample_due = True
+
+    def _before_forward(self, module: nn.Module, args: Any) -> None:
+        self.optimizers.reset_backward()
+        self._apply_due_resample()
+
+    def _apply_due_resample(self) -> None:
+        if self._resample_due:
+            self._resample_due = False
+            self._resample()
 
     def _check_not_finalized(self, what: str) -> None:
         if self._finalized:

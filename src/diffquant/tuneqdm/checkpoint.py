@@ -1,5 +1,11 @@
 """Save and load TuneQDM's trained scales: one safetensors file, config and fingerprints in its metadata.
 
+``.safetensors`` is the recommended format. A path ending in ``.pt`` / ``.pth`` gets the seed's layout
+instead, readable with plain ``torch.load(path)`` (``weights_only=True``, torch's default):
+``{"delta_state": {name: tensor}, "config": {field: value}, "diffquant": {metadata strings}}`` — tensors,
+strings and numbers only, so loading it unpickles nothing unsafe; ``TuneQDMConfig(**ckpt["config"])``
+rebuilds the config. Both formats carry the same metadata and checksum and are verified the same way.
+
 The file holds only the trainable tensors, ``<layer>.delta_out`` and ``<layer>.delta_in``
 (``(num_experts, C)`` each); the frozen INT weights are re-made from the pretrained model by
 `quantize_model`. Its safetensors metadata holds the `TuneQDMConfig`, an architecture fingerprint (class
@@ -22,7 +28,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from diffquant.errors import CheckpointError
-from diffquant.safefile import checksum, read_safetensors, write_checked_safetensors
+from diffquant.safefile import atomic_write, checksum, read_safetensors, write_checked_safetensors
 from diffquant.tuneqdm.apply import tuneqdm_config, tuneqdm_layers
 from diffquant.tuneqdm.config import TuneQDMConfig
 
@@ -41,6 +49,13 @@ FORMAT_VERSION = "2"
 LEGACY_VERSION = "1"  # only the tensors checksummed, no base fingerprint: loads with a warning
 DELTA_FILE_NAME = "tuneqdm_deltas.safetensors"
 """File name used when a checkpoint path is an existing directory."""
+TORCH_SUFFIXES = (".pt", ".pth")
+"""File suffixes saved in the seed's ``torch.load``-able layout."""
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip container
+_TORCH_LOAD_ERRORS = (
+    pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError, KeyError,
+    AttributeError, TypeError, IndexError,
+)  # fmt: skip
 
 
 def _file(path: str | os.PathLike) -> Path:
@@ -107,7 +122,9 @@ def save_delta_state(model: nn.Module, path: str | os.PathLike, config: TuneQDMC
     Args:
         model: The model prepared by `apply_tuneqdm`.
         path: The file (``.safetensors`` recommended; parent folders are created), or an existing
-            directory, which gets a `DELTA_FILE_NAME` file.
+            directory, which gets a `DELTA_FILE_NAME` file. A ``.pt`` / ``.pth`` path gets the seed's
+            layout, read by ``torch.load(path)`` as ``{"delta_state": ..., "config": ...}`` (see the
+            module docstring); it is verified on load exactly as safetensors is.
         config: The `TuneQDMConfig` used (optional; checked against the model's layers).
 
     Returns:
@@ -134,13 +151,61 @@ def save_delta_state(model: nn.Module, path: str | os.PathLike, config: TuneQDMC
     }
     file = _file(path)
     file.parent.mkdir(parents=True, exist_ok=True)
+    if file.suffix in TORCH_SUFFIXES:
+        payload = {
+            "delta_state": tensors,
+            "config": model_config.to_dict(),
+            "diffquant": {**metadata, "sha256": checksum(metadata, tensors)},
+        }
+        return atomic_write(file, lambda tmp: torch.save(payload, tmp))
     return write_checked_safetensors(file, tensors, metadata)
+
+
+def _read_file(file: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """``(metadata, tensors)`` of a safetensors or ``.pt`` delta file, unverified."""
+    if not file.is_file():
+        raise CheckpointError(f"{file} does not exist or is not a file.")
+    with open(file, "rb") as f:
+        is_torch = f.read(4) == _ZIP_MAGIC
+    if not is_torch:
+        return read_safetensors(file)
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=True)  # tensors and plain data only
+    except _TORCH_LOAD_ERRORS as err:
+        raise CheckpointError(
+            f"{file} is not a readable torch file (truncated or damaged: {err}); re-save it."
+        ) from err
+    fields = payload.keys() if isinstance(payload, dict) else ()
+    if set(fields) != {"delta_state", "config", "diffquant"}:
+        raise CheckpointError(
+            f"{file} is not a diffquant TuneQDM checkpoint: expected the keys 'delta_state', 'config' and "
+            f"'diffquant', found {sorted(map(str, fields))[:5]}."
+        )
+    metadata, tensors = payload["diffquant"], payload["delta_state"]
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(
+            f"{file} has corrupt metadata ('diffquant' must map names to strings); re-save it."
+        )
+    if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
+        raise CheckpointError(
+            f"{file} has a corrupt 'delta_state' (it must map names to tensors); re-save it."
+        )
+    try:
+        same_config = json.loads(metadata.get("config", "null")) == payload["config"]
+    except ValueError:
+        same_config = False
+    if not same_config:
+        raise CheckpointError(
+            f"{file}: its 'config' differs from the checksummed config in its metadata (edited after "
+            "saving); re-save it."
+        )
+    return metadata, tensors
 
 
 def _read(path: str | os.PathLike) -> tuple[TuneQDMConfig, dict[str, Any], str | None, dict[str, Tensor]]:
     """(config, fingerprint, base fingerprint or None for format 1, tensors), every part validated."""
     file = _file(path)
-    metadata, tensors = read_safetensors(file)
+    metadata, tensors = _read_file(file)
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{file} is not a TuneQDM delta checkpoint (no {FORMAT!r} metadata).")
     version = metadata.get("format_version")

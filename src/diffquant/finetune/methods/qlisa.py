@@ -56,7 +56,9 @@ class QLISAFinetuneConfig(FinetuneConfig):
 
 @register_finetune_method("qlisa", QLISAFinetuneConfig)
 def prepare_qlisa(model: nn.Module, config: QLISAFinetuneConfig, context: FinetuneContext) -> FinetuneSetup:
-    """``QLISADiffusion(model, ...).register().insert_hook()``; ``after_step`` re-samples the layers."""
+    """``QLISADiffusion(model, ...).register().insert_hook()``; the hooks count the steps and re-sample
+    the layers (``after_step`` applies a due re-sampling right away); ``method_state`` is the QLISA
+    object (its state goes into training checkpoints)."""
     qlisa = QLISADiffusion(
         model,
         gamma=config.gamma,
@@ -74,4 +76,5 @@ def prepare_qlisa(model: nn.Module, config: QLISAFinetuneConfig, context: Finetu
         after_step=qlisa.step,
         finalize=qlisa.finalize,
         state_bytes=lambda: sum(map(optimizer_state_bytes, qlisa.named_optimizers().values())),
+        method_state=qlisa,
     )
