@@ -58,11 +58,13 @@ class TrainingCheckpoints:
         directory: folder of the checkpoint files (created when missing).
         every: save after every ``every`` optimizer steps.
         keep_last: how many of the newest checkpoints to keep (older ones are deleted after a save).
-        resume: ``True``: continue from the newest checkpoint in ``directory`` (start fresh when there is
-            none); a path: continue from that checkpoint file (it must exist); ``False``: start fresh.
+        resume: ``True`` (or ``"latest"``): continue from the newest checkpoint in ``directory`` (start
+            fresh when there is none); a path: continue from that checkpoint file, or the newest one in
+            that folder (it must exist); ``False``: start fresh.
 
     Raises:
-        ValueError: a non-positive ``every`` or ``keep_last``.
+        ValueError: a non-positive ``every`` or ``keep_last``, or a ``resume`` that is neither a boolean
+            nor a path.
 
     Example:
         >>> ckpt = TrainingCheckpoints("runs/dog", every=50, keep_last=2, resume=True)
@@ -79,6 +81,11 @@ class TrainingCheckpoints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainingCheckpoints.{name} must be a positive integer, got {value!r}.")
+        if not isinstance(self.resume, bool | str | os.PathLike):
+            raise ValueError(
+                f"TrainingCheckpoints.resume must be True / 'latest', False, or a checkpoint path, got "
+                f"{self.resume!r}."
+            )
 
 
 def checkpoint_files(directory: str | os.PathLike) -> list[Path]:
@@ -196,6 +203,10 @@ class RunCheckpointer:
         optimizer, lr_scheduler, method_state: saved with ``state_dict()`` (each may be ``None``).
         settings: the loop's settings that decide its results (JSON-ready; resuming with others fails).
 
+    Raises:
+        ValueError: checkpoints asked for without an optimizer and without ``method_state`` (the state
+            of whatever steps the parameters would be lost).
+
     Example:
         >>> run = RunCheckpointer(options, model, optimizer, None, None, {"loop": "mine", "lr": 1e-3})
         >>> step, loop = run.restore() or (0, None)  # doctest: +SKIP
@@ -216,6 +227,11 @@ class RunCheckpointer:
         self.options = options
         if options is None:
             return
+        if optimizer is None and method_state is None:
+            raise ValueError(
+                "checkpointing a loop without an optimizer needs the state of what steps the parameters: "
+                "pass method_state (e.g. FinetuneSetup.method_state, the QLISADiffusion object)."
+            )
         self.directory = Path(options.directory)
         self.model = model
         self.parts = {
@@ -240,7 +256,7 @@ class RunCheckpointer:
         resume = self.options.resume
         if resume is False or resume is None:
             return None
-        if resume is True:
+        if resume is True or resume == "latest":
             files = checkpoint_files(self.directory)
             return files[-1] if files else None
         path = Path(resume)
