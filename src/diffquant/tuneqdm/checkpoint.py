@@ -282,7 +282,8 @@ def load_delta_state(
 
     Args:
         model: the model prepared by `quantize_model` / `apply_tuneqdm`.
-        path: the file (or a directory holding `DELTA_FILE_NAME`).
+        path: the file, ``.safetensors`` or the seed's ``.pt`` (read with ``weights_only=True``), or a
+            directory holding `DELTA_FILE_NAME`.
         allow_different_base: load even when the frozen weights differ from those the scales were
             trained on (e.g. a deliberately transferred fine-tune).
 
