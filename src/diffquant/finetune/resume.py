@@ -39,7 +39,7 @@ from diffquant.finetune.state_file import read_state_file, write_state_file
 from diffquant.nn.packed import PackedWeight
 from diffquant.safefile import checksum
 
-_FILE = re.compile(r"step-(\d{8})\.safetensors")
+_FILE = re.compile(r"step-(\d{8,})\.safetensors")
 
 
 class Stateful(Protocol):
