@@ -179,20 +179,30 @@ def _checked_out_dir(out: Path, source: Path | None, overwrite: bool) -> Path:
 
 
 def _checked_component(path: Path, component: str | None) -> str:
-    components = pipeline_components(path)
-    models = [name for name, (library, _) in components.items() if library == "diffusers" and name != "vae"]
+    import diffusers
+
+    models = [
+        name
+        for name, (library, cls) in pipeline_components(path).items()
+        if library == "diffusers" and _is_subclass(getattr(diffusers, cls, None), diffusers.ModelMixin)
+    ]
+    denoisers = [name for name in models if name != "vae"]
     if component is None:
-        component = next((name for name in ("unet", "transformer") if name in components), None)
+        component = next((name for name in ("unet", "transformer") if name in models), None)
         if component is None:
             raise ValueError(
                 f"{path}/model_index.json has neither 'unet' nor 'transformer'; name the denoiser with --component "
-                f"(diffusers models here: {models})."
+                f"(diffusers models here: {denoisers})."
             )
-    elif component not in components or components[component][0] != "diffusers":
+    elif component not in models:
         raise ValueError(
-            f"--component {component!r} is not a diffusers model of {path}; choose one of {models}."
+            f"--component {component!r} is not a diffusers model of {path}; choose one of {denoisers}."
         )
     return component
+
+
+def _is_subclass(cls: object, base: type) -> bool:
+    return isinstance(cls, type) and issubclass(cls, base)
 
 
 def read_prompts(file: str | os.PathLike) -> list[str]:
@@ -247,7 +257,7 @@ def _checked_pipe_kwargs(path: Path, args: argparse.Namespace) -> dict[str, Any]
         if key in _SET_BY_DIFFQUANT:
             raise ValueError(f"--pipe-arg {key}: set by diffquant; use {_SET_BY_DIFFQUANT[key]}.")
     accepted = _call_parameters(path)
-    unknown = sorted(set(kwargs) - accepted) if accepted is not None else []
+    unknown = sorted(set(kwargs) - accepted)
     if unknown:
         raise ValueError(
             f"{', '.join(unknown)}: not an argument of this pipeline's __call__; it takes {sorted(accepted)}."
@@ -255,8 +265,9 @@ def _checked_pipe_kwargs(path: Path, args: argparse.Namespace) -> dict[str, Any]
     return kwargs
 
 
-def _call_parameters(path: Path) -> set[str] | None:
-    """Keyword names of the pipeline class's ``__call__`` (``None`` when it takes ``**kwargs``)."""
+def _call_parameters(path: Path) -> set[str]:
+    """Named parameters of the pipeline class's ``__call__`` (a ``**kwargs`` there takes only deprecated
+    arguments in diffusers' pipelines, and would let a misspelt name through unused)."""
     import diffusers
 
     name = read_json(path / "model_index.json").get("_class_name")
@@ -267,9 +278,7 @@ def _call_parameters(path: Path) -> set[str] | None:
             f"({diffusers.__version__}) does not have; upgrade diffusers or fix the folder."
         )
     parameters = inspect.signature(cls.__call__).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return None
-    return {p.name for p in parameters if p.name != "self"}
+    return {p.name for p in parameters if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD}
 
 
 def execute(request: QuantizeRequest) -> str:
