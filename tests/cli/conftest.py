@@ -33,3 +33,24 @@ def prompts(tmp_path) -> Path:
     file = tmp_path / "prompts.txt"
     file.write_text("# calibration prompts\na cat\n\na red car\n", encoding="utf-8")
     return file
+
+
+README = Path(__file__).parents[2] / "README.md"
+README_SECTION = "## Calibrate and quantize a pipeline from the command line"
+
+
+def readme_command(program: str, paths: dict[str, object]) -> list[str]:
+    """The arguments of the README command line starting with ``program`` (in the command-line section):
+    after ``diffquant`` (for ``main``) or after ``python SCRIPT`` (for the script's ``main``), with its
+    placeholder paths replaced by ``paths`` (every ``path/to/...`` must be replaced)."""
+    import shlex
+
+    section = README.read_text(encoding="utf-8").split(README_SECTION, 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith(program + " ")]
+    assert len(lines) == 1, f"expected one README line starting with {program!r}, found {lines}"
+    argv = [
+        str(paths.get(token, token))
+        for token in shlex.split(lines[0])[2 if program.startswith("python ") else 1 :]
+    ]
+    assert not [a for a in argv if a.startswith("path/to/")], f"unreplaced placeholder in {argv}"
+    return argv

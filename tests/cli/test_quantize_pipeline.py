@@ -12,7 +12,7 @@ from diffquant.nn import StaticActivationQuantizer
 from diffquant.nn.qmodules import is_quantized_layer
 from diffquant.noise import attach_noise_context
 
-from .conftest import PIXART_RUN, SD_RUN
+from .conftest import PIXART_RUN, SD_RUN, readme_command
 
 
 def _quantized(model) -> dict[str, torch.nn.Module]:
@@ -20,11 +20,10 @@ def _quantized(model) -> dict[str, torch.nn.Module]:
 
 
 def test_quantize_sd_with_gptq_and_static_int8(saved_pipeline, prompts, tmp_path, capsys):
+    """The README's commands."""
     out = tmp_path / "sd-w4a8"
-    argv = ["quantize", str(saved_pipeline("sd")), "--prompts", str(prompts), "--out", str(out)]
-    assert (
-        main([*argv, "--method", "gptq", "--weights", "int4", "--activations", "int8-static", *SD_RUN]) == 0
-    )
+    paths = {"path/to/sd-pipeline": saved_pipeline("sd"), "prompts.txt": prompts, "sd-w4a8": out}
+    assert main([*readme_command("diffquant quantize", paths), *SD_RUN]) == 0
     printed = capsys.readouterr().out
     assert "W4A8: unet (UNet2DConditionModel)" in printed and "DiffusionPipeline.from_pretrained" in printed
     pipe = DiffusionPipeline.from_pretrained(out)
@@ -36,17 +35,23 @@ def test_quantize_sd_with_gptq_and_static_int8(saved_pipeline, prompts, tmp_path
     assert torch.isfinite(run_tiny_pipeline(pipe)).all()
     assert not _quantized(pipe.text_encoder) and not _quantized(pipe.vae)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial folder left
+    assert main(readme_command("diffquant info", paths)) == 0
+    assert f"{len(layers)} quantized layers: weights int4 ×{len(layers)}" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
 def pixart_w4a4(saved_pipeline, tmp_path_factory):
-    """The tiny PixArt pipeline calibrated with the seed's flags: Qronos W4A4, log-SNR activations."""
+    """The tiny PixArt pipeline calibrated with the seed's flags (the README's command): Qronos W4A4,
+    log-SNR activations."""
     tmp = tmp_path_factory.mktemp("pixart-w4a4")
     (tmp / "prompts.txt").write_text("a cat\na red car\n", encoding="utf-8")
     out = tmp / "out"
-    argv = ["calibrate", str(saved_pipeline("pixart")), "--wbits", "4", "--abits", "4", "--method", "qronos"]
-    argv += ["--activations", "logsnr", "--prompts", str(tmp / "prompts.txt"), "--save_path", str(out)]
-    assert main([*argv, *PIXART_RUN]) == 0
+    paths = {
+        "path/to/pixart-pipeline": saved_pipeline("pixart"),
+        "prompts.txt": tmp / "prompts.txt",
+        "pixart-w4a4": out,
+    }
+    assert main([*readme_command("diffquant calibrate", paths), *PIXART_RUN]) == 0
     return out
 
 
@@ -56,9 +61,8 @@ def test_calibrate_pixart_qronos_w4a4_logsnr_with_the_seed_flags(pixart_w4a4):
     assert layers and {m.input_quant.meta()["config"]["mode"] for m in layers.values()} == {"logsnr"}
     assert {m.qweight.meta()["bits"] for m in layers.values()} == {4}
     assert pipe.transformer.diffquant_config.weights.method == "qronos"
-    attach_noise_context(
-        pipe.transformer, pipe.scheduler
-    )  # log-SNR needs the scheduler (see the xfail below)
+    # log-SNR needs the scheduler (see the xfail below)
+    attach_noise_context(pipe.transformer, pipe.scheduler)
     assert torch.isfinite(run_tiny_pipeline(pipe)).all()
 
 

@@ -33,7 +33,3 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # bad input: a clear message, no traceback
         print(f"diffquant {args.command}: error: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
