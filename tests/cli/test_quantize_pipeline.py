@@ -101,3 +101,23 @@ def test_calibration_free_config_needs_no_prompts_and_overwrite_replaces(saved_p
     assert not (out / "stale").exists() and (out / "model_index.json").is_file()
     pipe = DiffusionPipeline.from_pretrained(out)
     assert _quantized(pipe.unet) and torch.isfinite(run_tiny_pipeline(pipe)).all()
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_flow_matching_pipelines_with_layerwise_gptq(saved_pipeline, prompts, tmp_path, arch):
+    """SD3 / Flux have no ArchSpec here yet, so GPTQ runs with --sequential off (every layer on float inputs)."""
+    out = tmp_path / arch
+    argv = [
+        "quantize",
+        str(saved_pipeline(arch)),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--method",
+        "gptq",
+    ]
+    argv += ["--weights", "int4", "--activations", "int8-static", "--sequential", "off", *SD_RUN]
+    assert main([*argv, "--pipe-arg", "max_sequence_length=8"]) == 0
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert _quantized(pipe.transformer) and torch.isfinite(run_tiny_pipeline(pipe)).all()

@@ -62,6 +62,25 @@ def _cases(sd, prompts, tmp):
         ("subfolder-calibrated", [*gptq, "--subfolder", "unet", "--prompts", str(prompts)], "no --subfolder"),
         ("save-path-file", [*calibrate, str(tmp / "logsnr_checkpoints.pt")], "give a folder such as"),
         ("wbits", [*calibrate, str(tmp / "q"), "--wbits", "16"], "--wbits '16': choose 2..8"),
+        (
+            "digits-on-cuda",
+            ["quantize", "digits", "--out", str(tmp / "q"), "--device", "cuda"],
+            "drop --device",
+        ),
+        (
+            "limit-for-a-model",
+            [
+                "quantize",
+                str(sd),
+                "--subfolder",
+                "unet",
+                "--out",
+                str(tmp / "q"),
+                "--calibration-prompts-limit",
+                "2",
+            ],
+            "--calibration-prompts-limit configure the calibration run",
+        ),
     ]
 
 

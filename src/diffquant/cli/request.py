@@ -109,12 +109,17 @@ def prepare(args: argparse.Namespace) -> QuantizeRequest:
         device=args.device,
         dtype=args.dtype,
         progress=not args.no_progress,
-        cache_dir=getattr(args, "cache_dir", None),
+        cache_dir=args.cache_dir,
     )
 
 
 def folder_kind_for_quantize(path: Path, subfolder: str | None) -> str:
     """PIPELINE or MODEL (``--subfolder`` always means one model of a pipeline folder)."""
+    if not path.is_dir():
+        raise ValueError(
+            f"{path} is not a folder, so it has no config.json or model_index.json: give a diffusers pipeline "
+            "folder (pipe.save_pretrained) or model folder (model.save_pretrained), or 'digits'."
+        )
     if subfolder is not None:
         if "_class_name" not in read_json(path / subfolder / "config.json", missing_ok=True):
             raise ValueError(
@@ -122,39 +127,34 @@ def folder_kind_for_quantize(path: Path, subfolder: str | None) -> str:
                 "(or a pipeline folder with --subfolder unet / transformer)."
             )
         return MODEL
-    try:
-        kind = folder_kind(path)
-    except ValueError as err:
-        raise ValueError(
-            f"{path} has no config.json or model_index.json: give a diffusers pipeline folder "
-            f"(pipe.save_pretrained) or model folder (model.save_pretrained). ({err})"
-        ) from None
+    kind = folder_kind(path)
     if kind not in (PIPELINE, MODEL):
         raise ValueError(f"{path} is already a {kind}; give the float pipeline or model folder.")
     return kind
 
 
 def _check_model_options(args: argparse.Namespace, kind: str) -> None:
-    """Options that only a pipeline run uses are refused elsewhere, rather than ignored."""
+    """Options that only a pipeline run uses (or, for the digits model, that it cannot take) are refused
+    rather than ignored."""
     if kind == PIPELINE:
         return
-    given = [
-        flag
-        for flag, value in (
-            ("--prompts", args.prompts),
-            ("--component", args.component),
-            ("--pipe-arg", args.pipe_arg),
-            ("--height", args.height),
-            ("--width", args.width),
-            ("--guidance-scale", args.guidance_scale),
-        )
-        if value
-    ]
+    pipeline_only = {
+        "--prompts": args.prompts,
+        "--calibration-prompts-limit": args.calibration_prompts_limit,
+        "--component": args.component,
+        "--pipe-arg": args.pipe_arg,
+        "--height": args.height,
+        "--width": args.width,
+        "--guidance-scale": args.guidance_scale,
+    }
+    given = [flag for flag, value in pipeline_only.items() if value]
     if given:
         raise ValueError(
             f"{', '.join(given)} configure the calibration run of a pipeline; {args.model} is not a pipeline "
             "folder (with model_index.json, no --subfolder). Drop them, or give the pipeline folder."
         )
+    if kind == "digits" and (args.device or args.dtype):
+        raise ValueError("the digits model runs on the CPU in float32; drop --device / --dtype.")
 
 
 def _checked_out_dir(out: Path, source: Path | None, overwrite: bool) -> Path:
@@ -302,6 +302,8 @@ def _quantize_model(request: QuantizeRequest) -> str:
         calibrate = calibration_fn(DemoSettings())
     else:
         model = _load_model(request)
+        if request.device is not None:
+            model.to(request.device)
     config = _restricted_to_first_blocks(model, config, request.first_blocks)
     quantize_(model.eval(), config, calibrate=calibrate, schedule=schedule, progress=request.progress)
     save_folder(lambda d: save_quantized(model, d), request.out, request.overwrite)
