@@ -24,7 +24,8 @@ def test_quantize_sd_with_gptq_and_static_int8(saved_pipeline, prompts, tmp_path
     out = tmp_path / "sd-w4a8"
     paths = {"path/to/sd-pipeline": saved_pipeline("sd"), "prompts.txt": prompts, "sd-w4a8": out}
     assert main([*readme_command("diffquant quantize", paths), *SD_RUN]) == 0
-    printed = capsys.readouterr().out
+    printed, bars = capsys.readouterr()
+    assert "calibration run:" in bars and "quantize:" in bars  # progress over denoiser calls and layers
     assert "W4A8: unet (UNet2DConditionModel)" in printed and "DiffusionPipeline.from_pretrained" in printed
     pipe = DiffusionPipeline.from_pretrained(out)
     layers = _quantized(pipe.unet)
@@ -92,12 +93,14 @@ def test_first_blocks_quantizes_only_those_blocks(saved_pipeline, prompts, tmp_p
     assert names and all(re.fullmatch(r"transformer_blocks\.0\..+", n) for n in names)
 
 
-def test_calibration_free_config_needs_no_prompts_and_overwrite_replaces(saved_pipeline, tmp_path):
+def test_calibration_free_config_needs_no_prompts_and_overwrite_replaces(saved_pipeline, tmp_path, capsys):
     out = tmp_path / "sd-w8"
     (out / "stale").mkdir(parents=True)
     argv = ["quantize", str(saved_pipeline("sd")), "--out", str(out), "--activations", "int8-dynamic"]
-    assert main(argv) == 2  # out holds files
-    assert main([*argv, "--overwrite"]) == 0
+    assert main(argv) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main([*argv, "--overwrite", "--no-progress"]) == 0
+    assert "quantize:" not in capsys.readouterr().err
     assert not (out / "stale").exists() and (out / "model_index.json").is_file()
     pipe = DiffusionPipeline.from_pretrained(out)
     assert _quantized(pipe.unet) and torch.isfinite(run_tiny_pipeline(pipe)).all()

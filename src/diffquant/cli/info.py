@@ -171,7 +171,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add ``info`` to the ``diffquant`` subcommands."""
     info = sub.add_parser(
-        "info", help="summarize a folder: diffquant checkpoint, (quantized) pipeline or model folder"
+        "info",
+        help="summarize a folder: diffquant checkpoint, (quantized) pipeline or model folder",
+        description=__doc__,
     )
-    info.add_argument("path", help="the folder")
+    info.add_argument("path", help="a pipeline, model or diffquant checkpoint folder")
     info.set_defaults(func=cmd_info)

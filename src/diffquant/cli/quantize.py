@@ -23,10 +23,18 @@ def positive_int(text: str) -> int:
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """Options of the calibration run and the output (shared by ``quantize`` and ``calibrate``)."""
     run = parser.add_argument_group("calibration run (pipeline folders)")
-    run.add_argument("--prompts", default=None, help="text file, one prompt per line ('#' lines skipped)")
-    run.add_argument("--steps", type=positive_int, default=10, help="sampling steps of the calibration run")
     run.add_argument(
-        "--calibration-prompts-limit", type=positive_int, default=None, help="use at most this many prompts"
+        "--prompts", default=None, metavar="FILE", help="text file, one prompt per line ('#' lines skipped)"
+    )
+    run.add_argument(
+        "--steps", type=positive_int, default=10, metavar="N", help="sampling steps of the calibration run"
+    )
+    run.add_argument(
+        "--calibration-prompts-limit",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="use at most this many prompts",
     )
     run.add_argument("--seed", type=int, default=0, help="seed of the calibration run")
     run.add_argument("--height", type=positive_int, default=None, help="image height of the calibration run")
@@ -46,6 +54,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         "--first-blocks",
         type=positive_int,
         default=None,
+        metavar="N",
         help="quantize only the layers of the denoiser's first N blocks (the rest stays float)",
     )
     run.add_argument("--device", default=None, help="run on this device, e.g. cuda (default: as loaded, CPU)")
