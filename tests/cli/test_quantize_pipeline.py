@@ -124,3 +124,26 @@ def test_flow_matching_pipelines_with_layerwise_gptq(saved_pipeline, prompts, tm
     assert main([*argv, "--pipe-arg", "max_sequence_length=8"]) == 0
     pipe = DiffusionPipeline.from_pretrained(out)
     assert _quantized(pipe.transformer) and torch.isfinite(run_tiny_pipeline(pipe)).all()
+
+
+def test_dtype_bfloat16_writes_a_bf16_pipeline(saved_pipeline, tmp_path, capsys):
+    out = tmp_path / "sd-bf16"
+    argv = [
+        "quantize",
+        str(saved_pipeline("sd")),
+        "--out",
+        str(out),
+        "--weights",
+        "int4",
+        "--dtype",
+        "bfloat16",
+    ]
+    assert main([*argv, "--activations", "int8-dynamic", "--no-progress"]) == 0
+    assert "dtype=torch.bfloat16)" in capsys.readouterr().out
+    pipe = DiffusionPipeline.from_pretrained(out, dtype=torch.bfloat16)
+    assert pipe.unet.dtype == pipe.vae.dtype == torch.bfloat16 and _quantized(pipe.unet)
+    assert torch.isfinite(run_tiny_pipeline(pipe).float()).all()
+    assert (
+        main(["info", str(out)]) == 0
+        and "W4A8 (weight method rtn), dtype bfloat16" in capsys.readouterr().out
+    )

@@ -318,9 +318,7 @@ def _load_model(request: QuantizeRequest):
     cls = getattr(diffusers, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
         raise ValueError(f"{folder}/config.json names {class_name!r}, which is not a diffusers model class.")
-    return cls.from_pretrained(
-        request.source, subfolder=request.subfolder, torch_dtype=_torch_dtype(request.dtype)
-    )
+    return cls.from_pretrained(request.source, subfolder=request.subfolder, **_dtype_argument(request.dtype))
 
 
 def _quantize_pipeline_folder(request: QuantizeRequest) -> str:
@@ -329,7 +327,7 @@ def _quantize_pipeline_folder(request: QuantizeRequest) -> str:
     from diffquant.api import quantized_layers, weight_bits_per_parameter
     from diffquant.integrations.pipeline import quantize_pipeline
 
-    pipe = DiffusionPipeline.from_pretrained(request.source, torch_dtype=_torch_dtype(request.dtype))
+    pipe = DiffusionPipeline.from_pretrained(request.source, **_dtype_argument(request.dtype))
     if request.device is not None:
         pipe.to(request.device)
     pipe.set_progress_bar_config(desc="calibration run", leave=False, disable=not request.progress)
@@ -353,7 +351,8 @@ def _quantize_pipeline_folder(request: QuantizeRequest) -> str:
         f"{config.label}: {request.component} ({type(denoiser).__name__}) has {len(quantized_layers(denoiser))} "
         f"quantized layers ({weight_bits_per_parameter(denoiser):.2f} bits/weight), {len(kept)} kept in float"
         f"{': ' + ', '.join(kept[:6]) + (' ...' if len(kept) > 6 else '') if kept else ''}.\n"
-        f"saved to {request.out}; load it with DiffusionPipeline.from_pretrained({str(request.out)!r})"
+        f"saved to {request.out}; load it with DiffusionPipeline.from_pretrained({str(request.out)!r}"
+        f"{f', dtype=torch.{request.dtype}' if request.dtype else ''})"
     )
 
 
@@ -380,10 +379,11 @@ def _restricted_to_first_blocks(model, config: QuantConfig, first_blocks: int | 
     return dataclasses.replace(config, include=include)
 
 
-def _torch_dtype(name: str | None):
+def _dtype_argument(name: str | None) -> dict[str, Any]:
+    """``from_pretrained``'s dtype keyword (none: the dtype diffusers picks by default)."""
     import torch
 
-    return None if name is None else getattr(torch, name)
+    return {} if name is None else {"dtype": getattr(torch, name)}
 
 
 def save_folder(write: Callable[[Path], Any], out: Path, overwrite: bool) -> None:
