@@ -347,12 +347,13 @@ def _quantize_pipeline_folder(request: QuantizeRequest) -> str:
     )
     save_folder(pipe.save_pretrained, request.out, request.overwrite)
     kept = _float_layer_names(denoiser)
+    kept_names = ": " + ", ".join(kept[:6]) + (" ..." if len(kept) > 6 else "") if kept else ""
+    dtype = f", dtype=torch.{request.dtype}" if request.dtype else ""
     return (
         f"{config.label}: {request.component} ({type(denoiser).__name__}) has {len(quantized_layers(denoiser))} "
         f"quantized layers ({weight_bits_per_parameter(denoiser):.2f} bits/weight), {len(kept)} kept in float"
-        f"{': ' + ', '.join(kept[:6]) + (' ...' if len(kept) > 6 else '') if kept else ''}.\n"
-        f"saved to {request.out}; load it with DiffusionPipeline.from_pretrained({str(request.out)!r}"
-        f"{f', dtype=torch.{request.dtype}' if request.dtype else ''})"
+        f"{kept_names}.\nsaved to {request.out}; load it with "
+        f"DiffusionPipeline.from_pretrained({str(request.out)!r}{dtype})"
     )
 
 
