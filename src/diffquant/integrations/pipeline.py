@@ -20,6 +20,7 @@ def quantize_pipeline(
     num_inference_steps: int = 10,
     component: str | None = None,
     seed: int = 0,
+    progress: bool = False,
     **pipe_kwargs: Any,
 ) -> Any:
     """Quantize ``pipe``'s denoiser in place, calibrating on the pipeline's own sampling runs.
@@ -39,6 +40,7 @@ def quantize_pipeline(
         num_inference_steps: sampling steps of the calibration run.
         component: the denoiser's name; default ``"unet"`` if the pipeline has one, else ``"transformer"``.
         seed: seed of the calibration run's generator.
+        progress: show progress bars (passed to :func:`diffquant.quantize_`).
         **pipe_kwargs: more arguments for the pipeline call (``height``, ``guidance_scale``...).
 
     Returns:
@@ -75,7 +77,7 @@ def quantize_pipeline(
     _check_sequential_calibration(denoiser, config)
     # DDPM-family schedulers give each timestep's log-SNR; flow-matching ones have no alphas_cumprod
     schedule = pipe.scheduler if hasattr(pipe.scheduler, "alphas_cumprod") else None
-    quantize_(denoiser, config, calibrate=calibrate, schedule=schedule)
+    quantize_(denoiser, config, calibrate=calibrate, schedule=schedule, progress=progress)
     return pipe
 
 
